@@ -1,0 +1,377 @@
+#!/usr/bin/env python
+# Copyright 2026 The BalancedDPO authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Builds tiny random stand-ins for every model and dataset a real run downloads from the Hub.
+
+Everything is written in the real on-disk formats (diffusers pipeline folders, transformers model folders with
+a real CLIP tokenizer, open_clip checkpoints, parquet files in the Pick-a-Pic v2 layout) so that tests and the
+quickstart go through exactly the loading code a real run uses, offline.
+
+    python tiny_assets.py --output_dir tiny_assets
+
+writes `sd/`, `sdxl/`, `scorers/` (plus `scorers/reward_config.json`) and `pickapic/` under the output dir.
+"""
+
+import argparse
+import gzip
+import io
+import json
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode():
+    """CLIP's reversible byte -> printable unicode table (the same table GPT-2 and open_clip use)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_tokenizer(output_dir, pad_token="<|endoftext|>", model_max_length=77):
+    """Writes the real 49,408-token CLIP BPE tokenizer (vocab.json, merges.txt) from the copy open_clip ships.
+
+    The result loads with `transformers.CLIPTokenizer.from_pretrained(output_dir)` and tokenizes exactly like the
+    tokenizers of Stable Diffusion, CLIP and PickScore, without the Hub.
+    """
+    import open_clip
+
+    bpe_path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    with gzip.open(bpe_path) as f:
+        merges = f.read().decode("utf-8").split("\n")
+    merges = merges[1 : 49152 - 256 - 2 + 1]
+    byte_tokens = list(_bytes_to_unicode().values())
+    vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(output_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(
+        os.path.join(output_dir, "vocab.json"),
+        os.path.join(output_dir, "merges.txt"),
+        pad_token=pad_token,
+        model_max_length=model_max_length,
+    )
+    tokenizer.save_pretrained(output_dir)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stable Diffusion pipelines
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_clip_text_config(projection_dim=None, hidden_size=32):
+    from transformers import CLIPTextConfig
+
+    kwargs = {"projection_dim": projection_dim} if projection_dim is not None else {}
+    return CLIPTextConfig(
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        **kwargs,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    )
+
+
+def build_tiny_sd_pipeline(output_dir, prediction_type="epsilon", seed=0):
+    """A tiny Stable Diffusion 1.x/2.x pipeline folder that `StableDiffusionPipeline.from_pretrained` loads."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = _tiny_vae()
+    text_encoder = CLIPTextModel(_tiny_clip_text_config())
+    tokenizer = write_clip_tokenizer(os.path.join(output_dir, "tokenizer"))
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(output_dir)
+    return output_dir
+
+
+def build_tiny_sdxl_pipeline(output_dir, seed=0):
+    """A tiny SDXL pipeline folder (two text encoders, `text_time` UNet) that `StableDiffusionXLPipeline` loads."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text embedding
+        cross_attention_dim=64,  # 32 + 32 penultimate hidden states
+        norm_num_groups=16,
+    )
+    vae = _tiny_vae()
+    text_encoder = CLIPTextModel(_tiny_clip_text_config(projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_text_config(projection_dim=32))
+    tokenizer = write_clip_tokenizer(os.path.join(output_dir, "tokenizer"))
+    tokenizer_2 = write_clip_tokenizer(os.path.join(output_dir, "tokenizer_2"), pad_token="!")
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(output_dir)
+    return output_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scorers (tiny random versions of every built-in reward model, in their real file formats)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_tiny_scorers(output_dir, seed=0, include_imagereward=False):
+    """Writes tiny random versions of the built-in scorers and returns the matching `--reward_config` dict.
+
+    The dict maps each metric name to its `rewards.build_scorer` options (local paths); it is also written to
+    `<output_dir>/reward_config.json`.
+    """
+    raise NotImplementedError("tiny scorers are not written yet")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny Pick-a-Pic v2 format dataset
+# ----------------------------------------------------------------------------------------------------------------
+
+_COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (230, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (240, 140, 30),
+}
+_SHAPES = ["circle", "square", "triangle"]
+_BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128)}
+
+
+def draw_shape_image(color, shape, background, size=64, scale=0.5, offset=(0.0, 0.0), noise=0.0, rng=None):
+    """A simple synthetic picture: one coloured shape on a plain background, optionally off-centre and noisy."""
+    rng = rng or np.random.default_rng(0)
+    image = Image.new("RGB", (size, size), _BACKGROUNDS.get(background, background))
+    draw = ImageDraw.Draw(image)
+    rgb = _COLORS.get(color, color)
+    half = scale * size / 2
+    cx, cy = size / 2 + offset[0] * size, size / 2 + offset[1] * size
+    box = [cx - half, cy - half, cx + half, cy + half]
+    if shape == "circle":
+        draw.ellipse(box, fill=rgb)
+    elif shape == "square":
+        draw.rectangle(box, fill=rgb)
+    else:
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=rgb)
+    if noise > 0:
+        array = np.asarray(image).astype(np.float32)
+        array = np.clip(array + rng.normal(0, noise * 255, array.shape), 0, 255).astype(np.uint8)
+        image = Image.fromarray(array)
+    return image
+
+
+def _jpeg_bytes(image, quality=90):
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def make_pickapic_rows(num_pairs, seed=0, image_size=64):
+    """Rows in the Pick-a-Pic v2 layout: `caption`, `jpg_0`, `jpg_1` (JPEG bytes), `label_0`, `label_1`.
+
+    Image 0 and image 1 show the same prompt, one drawn faithfully and one with a wrong colour, an off-centre
+    shape or noise, so that scorers and the human label have something to disagree about. About one pair in
+    eight is a human tie (label 0.5), as in Pick-a-Pic.
+    """
+    rng = np.random.default_rng(seed)
+    py_rng = random.Random(seed)
+    rows = []
+    for i in range(num_pairs):
+        color = py_rng.choice(list(_COLORS))
+        shape = py_rng.choice(_SHAPES)
+        background = py_rng.choice(list(_BACKGROUNDS))
+        caption = f"a {color} {shape} on a {background} background"
+        good = draw_shape_image(color, shape, background, size=image_size, scale=0.55, rng=rng)
+        flaw = i % 3
+        if flaw == 0:
+            other = py_rng.choice([c for c in _COLORS if c != color])
+            bad = draw_shape_image(other, shape, background, size=image_size, scale=0.55, rng=rng)
+        elif flaw == 1:
+            bad = draw_shape_image(color, shape, background, size=image_size, scale=0.3, offset=(0.25, -0.2), rng=rng)
+        else:
+            bad = draw_shape_image(color, shape, background, size=image_size, scale=0.55, noise=0.25, rng=rng)
+        good_first = bool(rng.random() < 0.5)
+        human = 1.0 if good_first else 0.0
+        if i % 8 == 7:
+            human = 0.5
+        elif rng.random() < 0.15:  # human raters are noisy
+            human = 1.0 - human
+        image_0, image_1 = (good, bad) if good_first else (bad, good)
+        rows.append(
+            {
+                "caption": caption,
+                "jpg_0": _jpeg_bytes(image_0),
+                "jpg_1": _jpeg_bytes(image_1),
+                "label_0": human,
+                "label_1": 1.0 - human if human != 0.5 else 0.5,
+            }
+        )
+    return rows
+
+
+def build_tiny_pickapic_dataset(output_dir, num_train=48, num_test=16, seed=0, image_size=64):
+    """Writes `train` and `test` parquet splits that `datasets.load_dataset(output_dir)` loads as Pick-a-Pic v2."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "caption": datasets.Value("string"),
+            "jpg_0": datasets.Value("binary"),
+            "jpg_1": datasets.Value("binary"),
+            "label_0": datasets.Value("float64"),
+            "label_1": datasets.Value("float64"),
+        }
+    )
+    data_dir = os.path.join(output_dir, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    for split, count, split_seed in (("train", num_train, seed), ("test", num_test, seed + 1)):
+        rows = make_pickapic_rows(count, seed=split_seed, image_size=image_size)
+        table = datasets.Dataset.from_list(rows, features=features)
+        table.to_parquet(os.path.join(data_dir, f"{split}-00000-of-00001.parquet"))
+    return output_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Everything at once
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_all(output_dir, sdxl=True, seed=0):
+    """Builds every tiny asset under `output_dir` and returns a dict of their paths."""
+    paths = {
+        "sd": build_tiny_sd_pipeline(os.path.join(output_dir, "sd"), seed=seed),
+        "pickapic": build_tiny_pickapic_dataset(os.path.join(output_dir, "pickapic"), seed=seed),
+    }
+    if sdxl:
+        paths["sdxl"] = build_tiny_sdxl_pipeline(os.path.join(output_dir, "sdxl"), seed=seed)
+    build_tiny_scorers(os.path.join(output_dir, "scorers"), seed=seed)
+    paths["reward_config"] = os.path.join(output_dir, "scorers", "reward_config.json")
+    return paths
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="tiny_assets", help="Where to write the tiny assets.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_sdxl", action="store_true", help="Skip the tiny SDXL pipeline.")
+    args = parser.parse_args()
+    paths = build_all(args.output_dir, sdxl=not args.no_sdxl, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
