@@ -1,0 +1,596 @@
+# Copyright 2026 The BalancedDPO authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The algorithm pieces both training scripts share, written once.
+
+- `dpo_loss`: the Diffusion-DPO objective with hard or soft consensus labels (sigmoid, IPO, hinge).
+- `order_by_label`: turns (image 0, image 1, consensus label) into (winner, loser).
+- The dynamic reference model: a second, frozen LoRA adapter on the same UNet (`add_lora_adapters`,
+  `reference_model`, `update_reference_adapter`), or the base model with adapters disabled.
+- `StepMetrics`: what is logged once per optimizer step.
+- Checkpoint housekeeping: atomic `checkpoint-N` folders, `latest`, `--checkpoints_total_limit`.
+- `validate_args`: the argument checks that must fail in seconds, before any model or dataset is loaded.
+
+Scoring and the consensus label itself live in `rewards.py`; the data pipeline in `preference_data.py`.
+"""
+
+import contextlib
+import math
+import os
+import re
+import shutil
+
+import torch
+import torch.nn.functional as F
+
+
+POLICY_ADAPTER = "default"
+REFERENCE_ADAPTER = "reference"
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+CONSENSUS_MODES = ("majority", "mean_prob", "human", "reward_sum", "normalized_sum", "random_metric")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def per_example_mse(prediction, target):
+    """Squared error per example, averaged over latent channels and pixels, in float32."""
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.ndim)))
+
+
+def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, loss_type="sigmoid", winner_prob=None):
+    """Per-pair Diffusion-DPO loss.
+
+        h = -1/2 * beta * [(e_w - e_l) - (e_ref_w - e_ref_l)]
+        sigmoid: -log sigmoid(h)      ipo: (h / beta - 1 / (2 beta))^2      hinge: relu(1 - h)
+
+    With `winner_prob` (the consensus probability q_w that the winner really is better), the loss becomes the
+    expectation over both orientations: q_w * f(h) + (1 - q_w) * f(-h). For `sigmoid` that is the binary
+    cross-entropy of sigmoid(h) against q_w. `winner_prob=None` is the hard label (q_w = 1).
+
+    Returns `(loss [B], h [B])`. beta means the same in the SD and SDXL scripts; beta = 5000 here equals
+    `--beta_dpo 2500` in diffusers' SD Diffusion-DPO example (which omits the 1/2) and 5000 in its SDXL one.
+    """
+    h = -0.5 * beta * ((model_err_w - model_err_l) - (ref_err_w - ref_err_l))
+
+    def one_side(x):
+        if loss_type == "sigmoid":
+            return -F.logsigmoid(x)
+        if loss_type == "ipo":
+            # IPO regresses the log-likelihood-ratio margin (h / beta) onto 1 / (2 beta).
+            return (x / beta - 1.0 / (2.0 * beta)) ** 2
+        if loss_type == "hinge":
+            return torch.relu(1.0 - x)
+        raise ValueError(f"Unknown --loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
+
+    loss = one_side(h)
+    if winner_prob is not None:
+        winner_prob = winner_prob.to(h.dtype)
+        loss = winner_prob * loss + (1.0 - winner_prob) * one_side(-h)
+    return loss, h
+
+
+def order_by_label(tensor_0, tensor_1, label):
+    """Stacks (winner, loser) along the batch: image 0 wins where `label > 0.5`, image 1 otherwise."""
+    first_wins = (label > 0.5).view(-1, *([1] * (tensor_0.ndim - 1))).to(tensor_0.device)
+    winner = torch.where(first_wins, tensor_0, tensor_1)
+    loser = torch.where(first_wins, tensor_1, tensor_0)
+    return torch.cat([winner, loser], dim=0)
+
+
+def winner_probability(label, prob):
+    """q_w: the consensus probability that the chosen winner is the better image."""
+    return torch.where(label > 0.5, prob, 1.0 - prob)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA adapters and the dynamic reference model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_lora_adapters(unet, lora_config, dynamic_reference):
+    """Adds the trainable policy adapter and, for a dynamic reference, a frozen reference adapter.
+
+    The reference starts equal to the policy (both are zero updates at initialisation), so at step 0 the
+    reference is the base model, as in Diffusion-DPO. Returns the list of trainable parameters.
+    """
+    import copy
+
+    unet.add_adapter(copy.deepcopy(lora_config), adapter_name=POLICY_ADAPTER)
+    if dynamic_reference:
+        unet.add_adapter(copy.deepcopy(lora_config), adapter_name=REFERENCE_ADAPTER)
+        copy_adapter_weights(unet, POLICY_ADAPTER, REFERENCE_ADAPTER)
+        unet.set_adapter(POLICY_ADAPTER)
+    return freeze_all_but_policy(unet)
+
+
+def freeze_all_but_policy(unet):
+    """Marks exactly the policy LoRA parameters trainable (peft's `set_adapter` flips `requires_grad`)."""
+    marker = f".{POLICY_ADAPTER}."
+    trainable = []
+    for name, param in unet.named_parameters():
+        is_policy = "lora_" in name and marker in name
+        param.requires_grad_(is_policy)
+        if is_policy:
+            trainable.append(param)
+    return trainable
+
+
+def _adapter_pairs(unet, source, target):
+    params = dict(unet.named_parameters())
+    pairs = []
+    for name, param in params.items():
+        if "lora_" in name and f".{source}." in name:
+            target_name = name.replace(f".{source}.", f".{target}.")
+            if target_name not in params:
+                raise KeyError(f"Adapter {target!r} has no parameter matching {name}.")
+            pairs.append((param, params[target_name]))
+    if not pairs:
+        raise ValueError(f"No LoRA parameters found for adapter {source!r}.")
+    return pairs
+
+
+@torch.no_grad()
+def copy_adapter_weights(unet, source, target):
+    for source_param, target_param in _adapter_pairs(unet, source, target):
+        target_param.copy_(source_param)
+
+
+@torch.no_grad()
+def update_reference_adapter(unet, mode="copy", decay=0.0):
+    """Moves the reference towards the current policy: a hard copy, or ref <- decay * ref + (1 - decay) * policy.
+
+    The EMA acts on the LoRA factors A and B separately (the reference is itself a LoRA of the same rank); with
+    `copy` the reference equals the policy exactly.
+    """
+    if mode == "copy":
+        copy_adapter_weights(unet, POLICY_ADAPTER, REFERENCE_ADAPTER)
+    elif mode == "ema":
+        for policy_param, ref_param in _adapter_pairs(unet, POLICY_ADAPTER, REFERENCE_ADAPTER):
+            ref_param.mul_(decay).add_(policy_param.to(ref_param.dtype), alpha=1.0 - decay)
+    else:
+        raise ValueError(f"Unknown --ref_update_mode {mode!r}; choose 'copy' or 'ema'.")
+
+
+@contextlib.contextmanager
+def reference_model(unet, dynamic_reference):
+    """Runs the UNet as the reference model inside the block, then restores the policy.
+
+    `unet` must be the unwrapped model (DDP has no adapter methods). Without a dynamic reference the adapters are
+    disabled (the base model is the reference); with one, the frozen reference adapter is activated. Gradients
+    are off inside, and `requires_grad` flags are restored afterwards whatever happens.
+    """
+    trainable = {name for name, p in unet.named_parameters() if p.requires_grad}
+    try:
+        if dynamic_reference:
+            unet.set_adapter(REFERENCE_ADAPTER)
+        else:
+            unet.disable_adapters()
+        with torch.no_grad():
+            yield unet
+    finally:
+        if dynamic_reference:
+            unet.set_adapter(POLICY_ADAPTER)
+        else:
+            unet.enable_adapters()
+        for name, param in unet.named_parameters():
+            param.requires_grad_(name in trainable)
+
+
+def adapter_state_dict(unet, adapter_name=POLICY_ADAPTER):
+    """The adapter's LoRA weights in diffusers' format (what `load_lora_weights` reads), as float32 CPU tensors."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    state = convert_state_dict_to_diffusers(state)
+    return {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in state.items()}
+
+
+def load_adapter_state_dict(unet, state_dict, adapter_name=POLICY_ADAPTER):
+    """Loads LoRA weights into the *existing* adapter (never adds a second one, which would restart training)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items()}
+    peft_state = convert_unet_state_dict_to_peft(state_dict)
+    result = set_peft_model_state_dict(unet, peft_state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA checkpoint has keys the UNet does not: {unexpected[:5]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging, once per optimizer step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class StepMetrics:
+    """Sums per-pair statistics over the micro-steps of one optimizer step, then reduces across processes.
+
+    Sums (not means) are accumulated so that the logged means weigh every pair equally whatever the batch sizes
+    on each process and micro-step.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums = {}
+        self.scoring_seconds = 0.0
+        self.step_seconds = 0.0
+
+    def add(self, name, total, count):
+        value, n = self.sums.get(name, (0.0, 0.0))
+        self.sums[name] = (value + float(total), n + float(count))
+
+    def add_pairs(self, loss, h, model_diff, ref_diff):
+        n = h.numel()
+        self.add("loss", loss.detach().float().sum(), n)
+        accuracy = (h > 0).float() + 0.5 * (h == 0).float()
+        self.add("implicit_acc", accuracy.sum(), n)
+        self.add("model_diff", model_diff.detach().float().sum(), n)
+        self.add("ref_diff", ref_diff.detach().float().sum(), n)
+
+    def add_consensus(self, result, human_label=None):
+        """Per-metric agreement with the consensus, the share that differs from the human label, the share dropped."""
+        keep = result.keep.cpu()
+        label = result.label.cpu()
+        total = keep.numel()
+        self.add("dropped_share", (~keep).sum(), total)
+        kept = keep.sum()
+        if kept > 0:
+            self.add("consensus_agreement", result.agreement.cpu()[keep].float().sum(), kept)
+            consensus_vote = torch.where(label > 0.5, 1, -1)[keep]
+            for name, votes in result.votes.items():
+                votes = votes.cpu()[keep]
+                voted = votes != 0
+                self.add(f"agreement/{name}", (votes[voted] == consensus_vote[voted]).sum(), voted.sum())
+            if human_label is not None:
+                human = human_label.cpu().float()[keep]
+                known = torch.isfinite(human) & (human != 0.5)
+                differs = (human[known] > 0.5) != (label[keep][known] > 0.5)
+                self.add("differs_from_human", differs.sum(), known.sum())
+
+    def reduce(self, accelerator):
+        """Means over every pair of every process; call on all processes."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        values = torch.tensor([[self.sums[n][0], self.sums[n][1]] for n in names], dtype=torch.float64)
+        timing = torch.tensor([self.scoring_seconds, self.step_seconds], dtype=torch.float64)
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
+            timing = accelerator.reduce(timing.to(accelerator.device), reduction="sum").cpu()
+        logs = {name: (v / n).item() for name, (v, n) in zip(names, values.tolist()) if n > 0}
+        if timing[1] > 0:
+            logs["scoring_time_share"] = (timing[0] / timing[1]).item()
+        return logs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKER = "checkpoint_complete"
+
+
+def list_checkpoints(output_dir):
+    """Complete `checkpoint-N` folders, oldest first (partial or temporary folders are never listed)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, COMPLETE_MARKER)):
+            found.append((int(match.group(1)), name))
+    return [name for _, name in sorted(found)]
+
+
+def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
+    """The checkpoint folder to resume from, `None` to start fresh, or a clear error."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return os.path.join(output_dir, checkpoints[-1]) if checkpoints else None
+    path = resume_from_checkpoint
+    if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
+        path = os.path.join(output_dir, path)
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist. Pass a `checkpoint-N` folder"
+            f" (absolute, or inside --output_dir {output_dir!r}) or `latest`."
+        )
+    if not os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
+        raise ValueError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} file); pick an older one.")
+    return path
+
+
+def checkpoint_step(path):
+    match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    if not match:
+        raise ValueError(f"Cannot read the step from checkpoint folder name {path!r} (expected checkpoint-N).")
+    return int(match.group(1))
+
+
+def save_checkpoint(accelerator, output_dir, global_step, total_limit=None, logger=None):
+    """Writes `checkpoint-<global_step>` atomically, then prunes old ones to respect `total_limit`.
+
+    Everything is written to `.checkpoint-N.tmp` first and renamed when complete, so a crash or a full disk
+    leaves the previous checkpoints valid and `latest` never resolves to a partial folder. Old checkpoints are
+    removed only after the new one is complete. Call on every process (accelerate gathers state collectively).
+    """
+    final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
+    tmp_path = os.path.join(output_dir, f".checkpoint-{global_step}.tmp")
+    if accelerator.is_main_process and os.path.exists(tmp_path):
+        shutil.rmtree(tmp_path)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp_path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp_path, COMPLETE_MARKER), "w") as f:
+            f.write(f"{global_step}\n")
+        if os.path.exists(final_path):
+            shutil.rmtree(final_path)
+        os.replace(tmp_path, final_path)
+        if total_limit is not None:
+            checkpoints = list_checkpoints(output_dir)
+            for name in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+                shutil.rmtree(os.path.join(output_dir, name))
+                if logger is not None:
+                    logger.info(f"Removed old checkpoint {name} (--checkpoints_total_limit {total_limit})")
+        if logger is not None:
+            logger.info(f"Saved state to {final_path}")
+    accelerator.wait_for_everyone()
+    return final_path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks that run before anything expensive
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_consensus_mode(mode, reward_models):
+    """Validates `--consensus` against the loaded metrics; returns the metric names the mode needs scored."""
+    if mode.startswith("single:"):
+        metric = mode.split(":", 1)[1]
+        if metric not in reward_models:
+            raise ValueError(
+                f"--consensus {mode} names metric {metric!r}, which is not in --reward_models"
+                f" ({','.join(reward_models) or 'empty'}). Add it to --reward_models or pick one of those."
+            )
+        return [metric]
+    if mode not in CONSENSUS_MODES:
+        raise ValueError(
+            f"Unknown --consensus {mode!r}; choose one of {', '.join(CONSENSUS_MODES)} or single:<metric>."
+        )
+    if mode == "human":
+        return []
+    if not reward_models:
+        raise ValueError(f"--consensus {mode} needs at least one metric in --reward_models.")
+    return list(reward_models)
+
+
+def validate_args(args):
+    """Checks every argument that can be checked without loading a model or a dataset. Raises ValueError."""
+    if args.beta_dpo <= 0:
+        raise ValueError(f"--beta_dpo must be positive (got {args.beta_dpo}); the default is 5000.")
+    if args.loss_type not in LOSS_TYPES:
+        raise ValueError(f"Unknown --loss_type {args.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise ValueError("Specify --dataset_name (Hub id or local path) or --train_data_dir.")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ValueError("Specify only one of --dataset_name and --train_data_dir.")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise ValueError("--proportion_empty_prompts must be in [0, 1].")
+    if not 0.0 <= args.min_agreement <= 1.0:
+        raise ValueError("--min_agreement must be in [0, 1].")
+    if not 0.0 <= args.abstain_margin < 0.5:
+        raise ValueError("--abstain_margin must be in [0, 0.5).")
+    if args.ref_update_steps < 0:
+        raise ValueError("--ref_update_steps must be >= 0 (0 keeps the base model as the reference).")
+    if args.ref_update_mode not in ("copy", "ema"):
+        raise ValueError("--ref_update_mode must be 'copy' or 'ema'.")
+    if not 0.0 <= args.ref_ema_decay < 1.0:
+        raise ValueError("--ref_ema_decay must be in [0, 1).")
+    if args.label_mode not in ("hard", "soft"):
+        raise ValueError("--label_mode must be 'hard' or 'soft'.")
+    if args.rank <= 0:
+        raise ValueError("--rank must be positive.")
+    if args.gradient_accumulation_steps < 1:
+        raise ValueError("--gradient_accumulation_steps must be >= 1.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError("--checkpoints_total_limit must be >= 1 (or left unset to keep every checkpoint).")
+
+    reward_models = [m.strip() for m in args.reward_models.split(",") if m.strip()] if args.reward_models else []
+    if args.precomputed_consensus:
+        if args.consensus != "majority" or args.human_vote:
+            # The label was decided offline by `rewards.py label`; live consensus options would be ignored.
+            pass
+        args.scored_metrics = []
+    else:
+        import rewards
+
+        known = set(rewards.available_scorers())
+        for metric in reward_models:
+            if metric not in known and ":" not in metric:
+                raise ValueError(
+                    f"Unknown metric {metric!r} in --reward_models; available: {', '.join(sorted(known))}"
+                    " (or a user scorer given as package.module:Class)."
+                )
+        args.scored_metrics = parse_consensus_mode(args.consensus, reward_models)
+    args.reward_model_list = reward_models
+    if args.human_vote and args.label_0_column is None:
+        raise ValueError("--human_vote needs the human label column (--label_0_column).")
+    if (args.consensus == "human" or args.tie_policy == "human") and args.label_0_column is None:
+        raise ValueError(f"--consensus {args.consensus} / --tie_policy {args.tie_policy} need --label_0_column.")
+    if args.reward_config is not None and not os.path.isfile(args.reward_config):
+        raise ValueError(
+            f"--reward_config {args.reward_config!r} does not exist (write one with `rewards.py calibrate`)."
+        )
+    if args.validation_prompts is None and args.score_validation:
+        raise ValueError("--score_validation needs --validation_prompts.")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.push_to_hub:
+        check_hub_credentials(args.hub_token)
+    if args.report_to in ("wandb", "all"):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--report_to wandb needs `pip install wandb`.") from None
+    return args
+
+
+def check_hub_credentials(hub_token=None):
+    """Fails fast when `--push_to_hub` cannot authenticate, instead of after hours of training."""
+    from huggingface_hub import get_token
+
+    if hub_token is None and get_token() is None:
+        raise ValueError(
+            "--push_to_hub needs Hub credentials: run `hf auth login` (or set HF_TOKEN), or pass --hub_token."
+        )
+
+
+def read_validation_prompts(value):
+    """`--validation_prompts` takes prompts or a single path to a text file with one prompt per line."""
+    if not value:
+        return []
+    if len(value) == 1 and os.path.isfile(value[0]):
+        with open(value[0], encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    return list(value)
+
+
+def num_update_steps(num_batches, gradient_accumulation_steps):
+    return math.ceil(num_batches / gradient_accumulation_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small training state that travels with each checkpoint (no pickle: JSON for scalars, safetensors for tensors)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _flatten(state, prefix=""):
+    scalars, tensors = {}, {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            sub_scalars, sub_tensors = _flatten(value, prefix=f"{name}/")
+            scalars.update(sub_scalars)
+            tensors.update(sub_tensors)
+        elif isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().cpu().contiguous()
+        else:
+            scalars[name] = value
+    return scalars, tensors
+
+
+def _unflatten(flat):
+    state = {}
+    for name, value in flat.items():
+        node = state
+        *parents, leaf = name.split("/")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return state
+
+
+def save_training_state(directory, state, name="training_state"):
+    """Writes a nested dict of scalars and tensors as `<name>.json` + `<name>.safetensors`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    scalars, tensors = _flatten(state)
+    with open(os.path.join(directory, f"{name}.json"), "w") as f:
+        json.dump(scalars, f, indent=1, sort_keys=True)
+    if tensors:
+        save_file(tensors, os.path.join(directory, f"{name}.safetensors"))
+
+
+def load_training_state(directory, name="training_state"):
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, f"{name}.json")) as f:
+        flat = json.load(f)
+    tensor_path = os.path.join(directory, f"{name}.safetensors")
+    if os.path.isfile(tensor_path):
+        flat.update(load_file(tensor_path))
+    return _unflatten(flat)
+
+
+class TrainingProgress:
+    """Where the run is: optimizer steps done, epoch, and batches consumed in that epoch (for exact resumes)."""
+
+    def __init__(self):
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.skipped_batches = 0
+        self.nonfinite_steps = 0
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def consensus_across_processes(accelerator, labeler, scores_0, scores_1, human_label):
+    """Decides the consensus on the global batch so stateful modes (normalized_sum, random_metric) stay identical on
+    every process, then returns this process's slice. Scores are tiny, so gathering them costs nothing."""
+    if accelerator.num_processes == 1:
+        return labeler(scores_0, scores_1, human_label=human_label)
+    from accelerate.utils import gather_object
+
+    local = {
+        "scores_0": {k: v.detach().cpu() for k, v in scores_0.items()},
+        "scores_1": {k: v.detach().cpu() for k, v in scores_1.items()},
+        "human": human_label.detach().cpu() if human_label is not None else None,
+    }
+    gathered = gather_object([local])
+    sizes = [
+        len(part["human"]) if part["human"] is not None else len(next(iter(part["scores_0"].values())))
+        for part in gathered
+    ]
+    merged_0 = {k: torch.cat([part["scores_0"][k] for part in gathered]) for k in local["scores_0"]}
+    merged_1 = {k: torch.cat([part["scores_1"][k] for part in gathered]) for k in local["scores_1"]}
+    merged_human = torch.cat([part["human"] for part in gathered]) if human_label is not None else None
+    result = labeler(merged_0, merged_1, human_label=merged_human)
+    start = sum(sizes[: accelerator.process_index])
+    stop = start + sizes[accelerator.process_index]
+    return slice_consensus(result, start, stop)
+
+
+def slice_consensus(result, start, stop):
+    import dataclasses
+
+    fields = {}
+    for field in dataclasses.fields(result):
+        value = getattr(result, field.name)
+        if isinstance(value, torch.Tensor):
+            fields[field.name] = value[start:stop]
+        elif isinstance(value, dict):
+            fields[field.name] = {k: v[start:stop] if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+        else:
+            fields[field.name] = value
+    return type(result)(**fields)

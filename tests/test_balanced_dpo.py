@@ -1,0 +1,196 @@
+"""Unit tests of the shared training core: loss, winner/loser ordering, reference adapter, checkpoints, arguments."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import balanced_dpo
+
+
+def hand_h(ew, el, rw, rl, beta):
+    return -0.5 * beta * ((ew - el) - (rw - rl))
+
+
+def test_sigmoid_loss_matches_definition_and_diffusers_scale():
+    ew, el, rw, rl = (
+        torch.tensor([0.30, 0.10]),
+        torch.tensor([0.20, 0.40]),
+        torch.tensor([0.25, 0.2]),
+        torch.tensor([0.25, 0.3]),
+    )
+    loss, h = balanced_dpo.dpo_loss(ew, el, rw, rl, beta=10.0)
+    expected_h = torch.tensor([hand_h(*v, 10.0) for v in zip(ew.tolist(), el.tolist(), rw.tolist(), rl.tolist())])
+    torch.testing.assert_close(h, expected_h)
+    torch.testing.assert_close(loss, torch.log1p(torch.exp(-expected_h)))
+    # diffusers' SD example computes -logsigmoid(beta' * (ref_diff - model_diff)); beta = 2 beta' here.
+    diffusers_loss = -torch.nn.functional.logsigmoid(5.0 * ((rw - rl) - (ew - el)))
+    torch.testing.assert_close(loss, diffusers_loss)
+
+
+def test_soft_label_loss_equals_hand_computation():
+    ew, el, rw, rl = torch.tensor([0.3]), torch.tensor([0.1]), torch.tensor([0.2]), torch.tensor([0.2])
+    beta, q = 4.0, torch.tensor([0.8])
+    loss, h = balanced_dpo.dpo_loss(ew, el, rw, rl, beta=beta, winner_prob=q)
+    hv = hand_h(0.3, 0.1, 0.2, 0.2, beta)  # = -0.4
+    sig = 1 / (1 + math.exp(-hv))
+    expected = -(0.8 * math.log(sig) + 0.2 * math.log(1 - sig))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # q = 1 is the hard label; q = 0.5 makes the loss symmetric in the winner/loser order.
+    hard, _ = balanced_dpo.dpo_loss(ew, el, rw, rl, beta=beta)
+    one, _ = balanced_dpo.dpo_loss(ew, el, rw, rl, beta=beta, winner_prob=torch.ones(1))
+    torch.testing.assert_close(hard, one)
+    half_a, _ = balanced_dpo.dpo_loss(ew, el, rw, rl, beta=beta, winner_prob=torch.tensor([0.5]))
+    half_b, _ = balanced_dpo.dpo_loss(el, ew, rl, rw, beta=beta, winner_prob=torch.tensor([0.5]))
+    torch.testing.assert_close(half_a, half_b)
+
+
+def test_ipo_and_hinge_losses():
+    ew, el, rw, rl = torch.tensor([0.3]), torch.tensor([0.1]), torch.tensor([0.2]), torch.tensor([0.25])
+    beta = 8.0
+    hv = hand_h(0.3, 0.1, 0.2, 0.25, beta)
+    ipo, _ = balanced_dpo.dpo_loss(ew, el, rw, rl, beta=beta, loss_type="ipo")
+    assert ipo.item() == pytest.approx((hv / beta - 1 / (2 * beta)) ** 2, rel=1e-5)
+    hinge, _ = balanced_dpo.dpo_loss(ew, el, rw, rl, beta=beta, loss_type="hinge")
+    assert hinge.item() == pytest.approx(max(0.0, 1 - hv), rel=1e-6)
+    with pytest.raises(ValueError, match="loss_type"):
+        balanced_dpo.dpo_loss(ew, el, rw, rl, beta=beta, loss_type="nope")
+
+
+def test_order_by_label_puts_winner_first():
+    a = torch.arange(3).float().view(3, 1) + 10
+    b = torch.arange(3).float().view(3, 1) + 20
+    label = torch.tensor([1.0, 0.0, 1.0])
+    ordered = balanced_dpo.order_by_label(a, b, label)
+    assert ordered.squeeze(1).tolist() == [10, 21, 12, 20, 11, 22]
+    # Swapping the images and the label gives the same winner/loser batch.
+    torch.testing.assert_close(balanced_dpo.order_by_label(b, a, 1 - label), ordered)
+    prob = torch.tensor([0.9, 0.2, 0.6])
+    torch.testing.assert_close(balanced_dpo.winner_probability(label, prob), torch.tensor([0.9, 0.8, 0.6]))
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q = torch.nn.Linear(4, 4)
+        self.to_k = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.to_k(self.to_q(x))
+
+
+def make_unet_like(dynamic):
+    """A small diffusers ModelMixin with peft adapters, like the UNet."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+    )  # fmt: skip
+    unet.requires_grad_(False)
+    config = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k"])
+    trainable = balanced_dpo.add_lora_adapters(unet, config, dynamic_reference=dynamic)
+    return unet, trainable
+
+
+def unet_inputs():
+    torch.manual_seed(1)
+    return torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 3, 8)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_reference_model_context_restores_policy_and_grad_flags(dynamic):
+    unet, trainable = make_unet_like(dynamic)
+    names = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert names and all(".default." in n and "lora_" in n for n in names)
+    assert len(trainable) == len(names)
+    # Make the policy differ from the base model and from the reference.
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.5)
+    x, t, c = unet_inputs()
+    policy_out = unet(x, t, c).sample
+    with balanced_dpo.reference_model(unet, dynamic):
+        ref_out = unet(x, t, c).sample
+        assert not ref_out.requires_grad
+    unet.disable_adapters()
+    base_out = unet(x, t, c).sample
+    unet.enable_adapters()
+    # The reference at initialisation is the base model in both modes.
+    torch.testing.assert_close(ref_out, base_out)
+    assert not torch.allclose(policy_out, ref_out)
+    torch.testing.assert_close(unet(x, t, c).sample, policy_out)
+    assert {n for n, p in unet.named_parameters() if p.requires_grad} == names
+
+
+def test_reference_context_restores_even_on_error():
+    unet, _ = make_unet_like(True)
+    names = {n for n, p in unet.named_parameters() if p.requires_grad}
+    with pytest.raises(RuntimeError):
+        with balanced_dpo.reference_model(unet, True):
+            raise RuntimeError("boom")
+    assert {n for n, p in unet.named_parameters() if p.requires_grad} == names
+    assert unet.active_adapters() == [balanced_dpo.POLICY_ADAPTER]
+
+
+def test_reference_update_copy_and_ema():
+    unet, trainable = make_unet_like(True)
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(1.0)
+    policy = balanced_dpo.adapter_state_dict(unet, balanced_dpo.POLICY_ADAPTER)
+    before = balanced_dpo.adapter_state_dict(unet, balanced_dpo.REFERENCE_ADAPTER)
+    balanced_dpo.update_reference_adapter(unet, "ema", decay=0.75)
+    after = balanced_dpo.adapter_state_dict(unet, balanced_dpo.REFERENCE_ADAPTER)
+    for k in policy:
+        torch.testing.assert_close(after[k], 0.75 * before[k] + 0.25 * policy[k])
+    balanced_dpo.update_reference_adapter(unet, "copy")
+    copied = balanced_dpo.adapter_state_dict(unet, balanced_dpo.REFERENCE_ADAPTER)
+    for k in policy:
+        torch.testing.assert_close(copied[k], policy[k])
+    # Updating the reference never makes it trainable.
+    assert all(".default." in n for n, p in unet.named_parameters() if p.requires_grad)
+
+
+def test_adapter_state_round_trip_into_existing_adapter():
+    unet, trainable = make_unet_like(True)
+    with torch.no_grad():
+        for p in trainable:
+            p.normal_()
+    saved = balanced_dpo.adapter_state_dict(unet, balanced_dpo.POLICY_ADAPTER)
+    other, _ = make_unet_like(True)
+    balanced_dpo.load_adapter_state_dict(other, saved, balanced_dpo.POLICY_ADAPTER)
+    assert sorted(other.peft_config) == sorted(unet.peft_config), "loading must not add an adapter"
+    loaded = balanced_dpo.adapter_state_dict(other, balanced_dpo.POLICY_ADAPTER)
+    for k in saved:
+        torch.testing.assert_close(loaded[k], saved[k])
+
+
+def test_checkpoint_listing_ignores_partial_folders(tmp_path):
+    for name, complete in (("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-12", False), (".checkpoint-14.tmp", True)):  # fmt: skip
+        os.makedirs(tmp_path / name)
+        if complete:
+            (tmp_path / name / balanced_dpo.COMPLETE_MARKER).write_text("x")
+    assert balanced_dpo.list_checkpoints(str(tmp_path)) == ["checkpoint-2", "checkpoint-10"]
+    assert balanced_dpo.resolve_resume_checkpoint(str(tmp_path), "latest").endswith("checkpoint-10")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        balanced_dpo.resolve_resume_checkpoint(str(tmp_path), "checkpoint-12")
+    with pytest.raises(ValueError, match="does not exist"):
+        balanced_dpo.resolve_resume_checkpoint(str(tmp_path), "checkpoint-99")
+    assert balanced_dpo.resolve_resume_checkpoint(str(tmp_path / "empty"), "latest") is None
+
+
+def test_training_state_round_trip(tmp_path):
+    state = {
+        "progress": {"global_step": 3, "epoch": 1},
+        "consensus": {"generator": torch.arange(5, dtype=torch.uint8), "n": 2.5},
+    }
+    balanced_dpo.save_training_state(str(tmp_path), state)
+    loaded = balanced_dpo.load_training_state(str(tmp_path))
+    assert loaded["progress"] == {"global_step": 3, "epoch": 1}
+    assert torch.equal(loaded["consensus"]["generator"], state["consensus"]["generator"])
+    assert loaded["consensus"]["n"] == 2.5
