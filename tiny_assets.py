@@ -226,13 +226,229 @@ def build_tiny_sdxl_pipeline(output_dir, seed=0):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_TINY_SCORER_IMAGE_SIZE = 32  # every tiny scorer sees 32x32 inputs, so the CLIP-style ones share one preprocessing
+_TINY_PROJECTION_DIM = 16
+
+
+def _reinit_large(module, seed, std=0.5):
+    """Re-draws weight matrices, embeddings and biases with a large std (LayerNorms stay at 1/0): default tiny
+    initialisations give nearly equal scores to different images, and tests need real preferences."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            is_norm = "norm" in name.lower() or "ln_" in name or name.startswith("ln")
+            if name.endswith("logit_scale") or (is_norm and param.ndim == 1):
+                continue
+            if param.ndim >= 2 or "embedding" in name or "class_embedding" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std / max(1.0, param.shape[-1] ** 0.25))
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def _write_tiny_clip_dir(output_dir, seed, logit_scale=float(np.log(100.0)), with_processor=True):
+    """A tiny transformers CLIPModel folder, plus (`with_processor`) a saved CLIPProcessor: the real CLIP tokenizer and
+    a CLIP image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    text_config = _tiny_clip_text_config(projection_dim=_TINY_PROJECTION_DIM, hidden_size=16).to_dict()
+    text_config["num_attention_heads"] = 2
+    vision_config = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "image_size": _TINY_SCORER_IMAGE_SIZE,
+        "patch_size": 8,
+        "projection_dim": _TINY_PROJECTION_DIM,
+        "hidden_act": "gelu",
+    }
+    config = CLIPConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        projection_dim=_TINY_PROJECTION_DIM,
+        logit_scale_init_value=logit_scale,
+    )
+    model = CLIPModel(config).eval()
+    _reinit_large(model, seed)
+    model.save_pretrained(output_dir)
+    if not with_processor:
+        return output_dir
+    tokenizer = write_clip_tokenizer(output_dir)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": _TINY_SCORER_IMAGE_SIZE},
+        crop_size={"height": _TINY_SCORER_IMAGE_SIZE, "width": _TINY_SCORER_IMAGE_SIZE},
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(output_dir)
+    return output_dir
+
+
+def _write_tiny_hpsv2(output_dir, seed):
+    """An open_clip model-config JSON plus a `{"state_dict": ...}` checkpoint, like HPS_v2.1_compressed.pt."""
+    import open_clip
+
+    os.makedirs(output_dir, exist_ok=True)
+    config_path = os.path.join(output_dir, "tiny-hpsv2-vit.json")
+    model_config = {
+        "embed_dim": _TINY_PROJECTION_DIM,
+        "vision_cfg": {
+            "image_size": _TINY_SCORER_IMAGE_SIZE,
+            "layers": 2,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 8,
+        },
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2},
+    }
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(model_config, f, indent=2)
+    open_clip.add_model_config(config_path)
+    torch.manual_seed(seed)
+    model = open_clip.create_model("tiny-hpsv2-vit", pretrained=None).eval()
+    _reinit_large(model, seed + 1)
+    with torch.no_grad():
+        model.logit_scale.fill_(float(np.log(100.0)))  # HPS v2 checkpoints have a scale of about 100
+    checkpoint_path = os.path.join(output_dir, "HPS_v2.1_compressed.pt")
+    torch.save({"state_dict": model.state_dict()}, checkpoint_path)
+    return config_path, checkpoint_path
+
+
+def _random_linear_stack(dims, generator, indices=(0, 2, 4, 6, 7), prefix="layers.", last_bias=0.0, gain=1.0):
+    """`layers.N.weight/bias` tensors of an activation-free MLP with the given widths at the given Sequential
+    indices (the gaps are the original dropout layers)."""
+    state = {}
+    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+        index = indices[i]
+        state[f"{prefix}{index}.weight"] = torch.randn(fan_out, fan_in, generator=generator) * (2.0 / fan_in) ** 0.5
+        state[f"{prefix}{index}.bias"] = torch.randn(fan_out, generator=generator) * 0.1
+    state[f"{prefix}{indices[0]}.weight"] *= gain
+    state[f"{prefix}{indices[len(dims) - 2]}.bias"] += last_bias
+    return state
+
+
+def _write_tiny_aesthetic_head(path, seed):
+    """The LAION aesthetic MLP layout (`layers.0/2/4/6/7`), input = the tiny CLIP projection dim."""
+    generator = torch.Generator().manual_seed(seed)
+    # A gain on the first layer spreads the tiny scores over about a rating point, like the real predictor's.
+    state = _random_linear_stack([_TINY_PROJECTION_DIM, 32, 16, 8, 4, 1], generator, last_bias=5.0, gain=8.0)
+    torch.save(state, path)
+    return path
+
+
+_TINY_BERT_WORDS = (
+    ["a", "an", "the", "of", "on", "in", "with", "and", "photo", "image", "background", "picture"]
+    + ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "grey", "gray"]
+    + ["circle", "square", "triangle", "shape", "cat", "dog"]
+)
+
+
+def _write_tiny_bert_tokenizer(output_dir):
+    """A small uncased WordPiece vocabulary in BERT's folder format (vocab.txt + tokenizer files)."""
+    from transformers import BertTokenizer
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("!\"#$%&'()*+,-./:;<=>?@[]^_`{|}~")
+    vocab += letters + [f"##{c}" for c in letters] + _TINY_BERT_WORDS
+    vocab = list(dict.fromkeys(vocab))
+    os.makedirs(output_dir, exist_ok=True)
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(output_dir)
+    with open(os.path.join(output_dir, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    return output_dir, len(vocab)
+
+
+def _write_tiny_imagereward(path, vocab_size, seed, hidden=32, layers=2, intermediate=64, patch=8, max_positions=64):
+    """A checkpoint in ImageReward.pt's original key layout: BLIP's timm ViT (`blip.visual_encoder.*`), the BERT
+    text encoder with cross-attention (`blip.text_encoder.*`), BLIP's projections and the reward MLP (`mlp.layers.*`).
+    Built from plain tensors, independently of the transformers classes the scorer loads it into."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape, std=0.5):
+        return torch.randn(*shape, generator=generator) * std / max(1.0, shape[-1] ** 0.25)
+
+    def linear(prefix, fan_in, fan_out):
+        return {
+            f"{prefix}.weight": normal(fan_out, fan_in),
+            f"{prefix}.bias": torch.randn(fan_out, generator=generator) * 0.1,
+        }
+
+    def norm(prefix, width):
+        return {
+            f"{prefix}.weight": 1.0 + 0.1 * torch.randn(width, generator=generator),
+            f"{prefix}.bias": 0.1 * torch.randn(width, generator=generator),
+        }
+
+    grid = _TINY_SCORER_IMAGE_SIZE // patch
+    state = {
+        "blip.visual_encoder.cls_token": normal(1, 1, hidden),
+        "blip.visual_encoder.pos_embed": normal(1, grid * grid + 1, hidden),
+        "blip.visual_encoder.patch_embed.proj.weight": normal(hidden, 3, patch, patch),
+        "blip.visual_encoder.patch_embed.proj.bias": 0.1 * torch.randn(hidden, generator=generator),
+    }
+    for i in range(layers):
+        block = f"blip.visual_encoder.blocks.{i}"
+        state.update(norm(f"{block}.norm1", hidden))
+        state.update(linear(f"{block}.attn.qkv", hidden, 3 * hidden))
+        state.update(linear(f"{block}.attn.proj", hidden, hidden))
+        state.update(norm(f"{block}.norm2", hidden))
+        state.update(linear(f"{block}.mlp.fc1", hidden, intermediate))
+        state.update(linear(f"{block}.mlp.fc2", intermediate, hidden))
+    state.update(norm("blip.visual_encoder.norm", hidden))
+
+    text = "blip.text_encoder"
+    state[f"{text}.embeddings.position_ids"] = torch.arange(max_positions).unsqueeze(0)
+    state[f"{text}.embeddings.word_embeddings.weight"] = normal(vocab_size, hidden)
+    state[f"{text}.embeddings.position_embeddings.weight"] = normal(max_positions, hidden)
+    state.update(norm(f"{text}.embeddings.LayerNorm", hidden))
+    for i in range(layers):
+        layer = f"{text}.encoder.layer.{i}"
+        for attention, kv_width in (("attention", hidden), ("crossattention", hidden)):
+            state.update(linear(f"{layer}.{attention}.self.query", hidden, hidden))
+            state.update(linear(f"{layer}.{attention}.self.key", kv_width, hidden))
+            state.update(linear(f"{layer}.{attention}.self.value", kv_width, hidden))
+            state.update(linear(f"{layer}.{attention}.output.dense", hidden, hidden))
+            state.update(norm(f"{layer}.{attention}.output.LayerNorm", hidden))
+        state.update(linear(f"{layer}.intermediate.dense", hidden, intermediate))
+        state.update(linear(f"{layer}.output.dense", intermediate, hidden))
+        state.update(norm(f"{layer}.output.LayerNorm", hidden))
+    state.update(linear("blip.vision_proj", hidden, 8))
+    state.update(linear("blip.text_proj", hidden, 8))
+    state.update(_random_linear_stack([hidden, 32, 16, 8, 4, 1], generator, prefix="mlp.layers."))
+    torch.save(state, path)
+    return path
+
+
 def build_tiny_scorers(output_dir, seed=0, include_imagereward=False):
     """Writes tiny random versions of the built-in scorers and returns the matching `--reward_config` dict.
 
     The dict maps each metric name to its `rewards.build_scorer` options (local paths); it is also written to
-    `<output_dir>/reward_config.json`.
+    `<output_dir>/reward_config.json`. `clip` and `aesthetic` use the same CLIP folder, as in a real run, so the
+    shared model and image embedding are exercised. `imagereward` is included only when asked for.
     """
-    raise NotImplementedError("tiny scorers are not written yet")
+    output_dir = os.path.abspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    clip_dir = _write_tiny_clip_dir(os.path.join(output_dir, "clip"), seed=seed + 1)
+    # Like the real PickScore, whose tokenizer and image processor come from another repo (here: the CLIP folder).
+    pickscore_dir = _write_tiny_clip_dir(os.path.join(output_dir, "pickscore"), seed=seed, with_processor=False)
+    hps_config, hps_checkpoint = _write_tiny_hpsv2(os.path.join(output_dir, "hpsv2"), seed=seed + 2)
+    head_path = _write_tiny_aesthetic_head(os.path.join(output_dir, "sac+logos+ava1-l14-linearMSE.pth"), seed=seed + 3)
+    config = {
+        "pickscore": {"path": pickscore_dir, "processor_path": clip_dir},
+        "hpsv2": {"path": hps_checkpoint, "arch": hps_config},
+        "clip": {"path": clip_dir},
+        "aesthetic": {"path": clip_dir, "head_path": head_path},
+    }
+    if include_imagereward:
+        bert_dir, vocab_size = _write_tiny_bert_tokenizer(os.path.join(output_dir, "imagereward", "bert"))
+        # The original vocabulary has two extra tokens ([DEC], [ENC]) beyond bert-base-uncased's.
+        checkpoint = _write_tiny_imagereward(
+            os.path.join(output_dir, "imagereward", "ImageReward.pt"), vocab_size + 2, seed=seed + 4
+        )
+        config["imagereward"] = {"path": checkpoint, "tokenizer_path": bert_dir, "vision_heads": 2, "text_heads": 2}
+    with open(os.path.join(output_dir, "reward_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------------------

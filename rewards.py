@@ -1,0 +1,2373 @@
+#!/usr/bin/env python
+# Copyright 2026 The BalancedDPO authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Multi-metric reward scorers, pairwise preference probabilities and consensus labels for BalancedDPO.
+
+Library:
+
+    scorers = build_scorers("pickscore,hpsv2,clip,aesthetic", config="reward_config.json", device="cuda")
+    scores_0, scores_1 = scorers.score_pairs(images_0, images_1, prompts)
+    labeler = ConsensusLabeler(mode="majority", temperatures=scorers.temperatures, weights=scorers.weights)
+    result = labeler(scores_0, scores_1, human_label)  # result.label, result.prob, result.keep, result.agreement
+
+Command line:
+
+    python rewards.py score --images a.png b.png --prompt "a red circle"
+    python rewards.py label --dataset_name yuvalkirstain/pickapic_v2 --streaming --output_dir labeled
+    python rewards.py calibrate --dataset_name labeled --output reward_config.json
+"""
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+
+__all__ = [
+    "DEFAULT_REWARD_MODELS",
+    "DEFAULT_TEMPERATURES",
+    "CONSENSUS_MODES",
+    "TIE_POLICIES",
+    "CLIPImagePreprocessor",
+    "PadToSquarePreprocessor",
+    "MultiPreprocessor",
+    "Scorer",
+    "ScoreCache",
+    "ScorerSet",
+    "ConsensusResult",
+    "NormalizedSumState",
+    "ConsensusLabeler",
+    "register_scorer",
+    "available_scorers",
+    "build_scorer",
+    "build_scorers",
+    "load_reward_config",
+    "pairwise_probabilities",
+    "consensus",
+    "fit_temperature",
+    "to_rgb",
+    "load_image",
+    "hash_image",
+]
+
+DEFAULT_REWARD_MODELS = ["pickscore", "hpsv2", "clip", "aesthetic"]
+
+# Native Bradley-Terry scale of each built-in metric (method.md §3). The `hpsv2` scorer reads its value from the
+# checkpoint's logit scale (about 0.01 for the released ones); 0.01 is only the fallback when no scorer is built.
+IMAGEREWARD_MEAN = 0.16717362830052426
+IMAGEREWARD_STD = 1.0333394966054072
+DEFAULT_TEMPERATURES = {
+    "pickscore": 1.0,
+    "hpsv2": 0.01,
+    "clip": 1.0,
+    "aesthetic": 0.25,
+    "imagereward": 1.0 / IMAGEREWARD_STD,
+}
+
+CONSENSUS_MODES = [
+    "majority",
+    "mean_prob",
+    "human",
+    "single:<metric>",
+    "reward_sum",
+    "normalized_sum",
+    "random_metric",
+]
+TIE_POLICIES = ["mean_prob", "human", "drop"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Where the default weights live, and what to tell a user whose copy is missing.
+_HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+_HOW_TO = {
+    "pickscore": "PickScore is the Hub model 'yuvalkirstain/PickScore_v1' (processor: "
+    "'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'); download it with `huggingface-cli download yuvalkirstain/PickScore_v1` "
+    "or pass a local transformers CLIPModel folder as `path`.",
+    "clip": "The CLIP score uses the Hub model 'openai/clip-vit-large-patch14'; download it with "
+    "`huggingface-cli download openai/clip-vit-large-patch14` or pass a local transformers CLIPModel folder as `path`.",
+    "hpsv2": "HPSv2 weights are 'HPS_v2.1_compressed.pt' (or 'HPS_v2_compressed.pt' for v2.0) in the Hub repo "
+    "'xswu/HPSv2' (https://huggingface.co/xswu/HPSv2); download with `huggingface-cli download xswu/HPSv2 "
+    "HPS_v2.1_compressed.pt` and pass the file as `path`.",
+    "aesthetic": "The LAION aesthetic predictor v2 head is 'sac+logos+ava1-l14-linearMSE.pth' from "
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor (the same weights are 'aesthetic-model.pth' "
+    "in the Hub repo 'trl-lib/ddpo-aesthetic-predictor'); pass the file as `head_path`.",
+    "imagereward": "ImageReward weights are 'ImageReward.pt' in the Hub repo 'THUDM/ImageReward' "
+    "(https://huggingface.co/THUDM/ImageReward); download with `huggingface-cli download THUDM/ImageReward "
+    "ImageReward.pt` and pass the file as `path` (and a BERT tokenizer, e.g. 'bert-base-uncased', as `tokenizer_path`).",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "no": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    """Accepts a torch dtype or a name ("float32", "bf16", "fp16", ...); None means float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in _DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(set(_DTYPES))} or a torch.dtype.")
+    return _DTYPES[key]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _module_device_dtype(module: nn.Module):
+    """The device and floating dtype a module's weights live on (shared models may have moved)."""
+    for param in module.parameters():
+        return param.device, param.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _as_prompt_list(prompts, n: int) -> List[str]:
+    if isinstance(prompts, str):
+        return [prompts] * n
+    prompts = [str(p) for p in prompts]
+    if len(prompts) != n:
+        raise ValueError(f"Got {n} images but {len(prompts)} prompts; pass one prompt per image (or a single string).")
+    return prompts
+
+
+def _features(output) -> torch.Tensor:
+    """Embedding tensor from a transformers `get_*_features` result: a tensor (4.x) or an output object (5.x)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("pooler_output", "image_embeds", "text_embeds"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return output[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any PIL image to RGB the way the reward models expect it.
+
+    Transparency (RGBA, LA, PA, palette images with a transparent colour) is composited on white, 16-bit grayscale
+    is scaled to 8 bits, and everything else (L, 1, P, CMYK, YCbCr, ...) goes through PIL's own RGB conversion.
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"Expected a PIL image, got {type(image).__name__}.")
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image).astype(np.float64)
+        if image.mode.startswith("I;16") or array.max(initial=0) > 255:
+            array = array / 257.0
+        image = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="L")
+    has_alpha = "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source) -> Image.Image:
+    """Opens an image from a path, raw bytes, a datasets Image dict or a PIL image and returns it in RGB.
+
+    Raises ValueError naming the source when the data cannot be decoded.
+    """
+    name = source if isinstance(source, str) else type(source).__name__
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, dict):
+            if source.get("bytes") is not None:
+                return load_image(source["bytes"])
+            if source.get("path"):
+                return load_image(source["path"])
+            raise ValueError("the image dict has neither 'bytes' nor 'path'")
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(bytes(source)))
+        elif isinstance(source, (str, os.PathLike)):
+            image = Image.open(source)
+        else:
+            raise TypeError(f"unsupported image type {type(source).__name__}")
+        image.load()
+        return to_rgb(image)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise ValueError(f"Cannot decode image {name!r}: {error}") from error
+
+
+def hash_image(image) -> str:
+    """Content hash of a PIL image (mode, size and pixel bytes) or of a pixel tensor (dtype, shape and bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    if isinstance(image, Image.Image):
+        digest.update(f"{image.mode}:{image.size}".encode())
+        digest.update(image.tobytes())
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().to("cpu").contiguous()
+        digest.update(f"{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        raise TypeError(f"Cannot hash {type(image).__name__}.")
+    return digest.hexdigest()
+
+
+def _as_image_list(images) -> List[Image.Image]:
+    if isinstance(images, Image.Image):
+        return [images]
+    return list(images)
+
+
+class CLIPImagePreprocessor:
+    """CLIP's PIL pipeline: bicubic resize of the shortest side, center crop, scale to [0, 1], normalise.
+
+    It reproduces the transformers CLIP image processor with `backend="pil"` (resize size `int(size * long /
+    short)`, crop offset `(h - crop_h) // 2`), holds no model weights, and is picklable, so it can run in DataLoader
+    workers. Returns a float32 CPU tensor `[N, 3, crop_h, crop_w]`.
+    """
+
+    def __init__(self, size=224, crop_size=None, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, resample=3):
+        if isinstance(size, dict):
+            size = size.get("shortest_edge") or (size["height"], size["width"])
+        self.size = size if isinstance(size, int) else tuple(int(s) for s in size)
+        if crop_size is None:
+            crop_size = self.size if isinstance(self.size, tuple) else (self.size, self.size)
+        if isinstance(crop_size, dict):
+            crop_size = (crop_size["height"], crop_size["width"])
+        if isinstance(crop_size, int):
+            crop_size = (crop_size, crop_size)
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+        self.resample = int(resample)
+
+    @property
+    def key(self) -> str:
+        """Identifies the pipeline: scorers whose preprocessors have equal keys share one preprocessed tensor."""
+        size = self.size if isinstance(self.size, int) else "x".join(map(str, self.size))
+        return (
+            f"clip-{size}-crop{self.crop_size[0]}x{self.crop_size[1]}-r{self.resample}"
+            f"-m{','.join(f'{m:.6g}' for m in self.image_mean)}-s{','.join(f'{s:.6g}' for s in self.image_std)}"
+        )
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        if isinstance(self.size, tuple):
+            new_height, new_width = self.size
+        else:
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = self.size, int(self.size * long / short)
+            new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+        return image.resize((new_width, new_height), resample=self.resample)
+
+    def _crop(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        crop_height, crop_width = self.crop_size
+        if crop_height > height or crop_width > width:
+            # Smaller than the crop: pad with black around the centre first, as the processor does.
+            canvas = Image.new("RGB", (max(width, crop_width), max(height, crop_height)), (0, 0, 0))
+            canvas.paste(image, ((canvas.width - width + 1) // 2, (canvas.height - height + 1) // 2))
+            image, (width, height) = canvas, canvas.size
+        top, left = (height - crop_height) // 2, (width - crop_width) // 2
+        return image.crop((left, top, left + crop_width, top + crop_height))
+
+    def process_one(self, image: Image.Image) -> np.ndarray:
+        image = self._crop(self._resize(to_rgb(image)))
+        array = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+        array = (array - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return array.transpose(2, 0, 1)
+
+    def __call__(self, images) -> torch.Tensor:
+        images = _as_image_list(images)
+        if not images:
+            return torch.zeros(0, 3, *self.crop_size)
+        return torch.from_numpy(np.ascontiguousarray(np.stack([self.process_one(im) for im in images])))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.key})"
+
+
+class PadToSquarePreprocessor:
+    """HPS preprocessing: bicubic resize so the longest side is `size` (keeping the aspect ratio), pad to a square
+    with black (left/top get the smaller half), scale to [0, 1] and normalise. Picklable, weight-free, CPU only."""
+
+    def __init__(self, size=224, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, fill=0, resample=3):
+        self.size = int(size)
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+        self.fill = int(fill)
+        self.resample = int(resample)
+
+    @property
+    def key(self) -> str:
+        return (
+            f"pad_square-{self.size}-fill{self.fill}-r{self.resample}"
+            f"-m{','.join(f'{m:.6g}' for m in self.image_mean)}-s{','.join(f'{s:.6g}' for s in self.image_std)}"
+        )
+
+    def process_one(self, image: Image.Image) -> np.ndarray:
+        image = to_rgb(image)
+        width, height = image.size
+        scale = self.size / float(max(width, height))
+        new_width, new_height = round(width * scale), round(height * scale)
+        if (new_width, new_height) != (width, height):
+            image = image.resize((new_width, new_height), resample=self.resample)
+        canvas = Image.new("RGB", (self.size, self.size), (self.fill,) * 3)
+        canvas.paste(image, ((self.size - new_width) // 2, (self.size - new_height) // 2))
+        array = np.asarray(canvas, dtype=np.float32) / np.float32(255.0)
+        array = (array - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return array.transpose(2, 0, 1)
+
+    def __call__(self, images) -> torch.Tensor:
+        images = _as_image_list(images)
+        if not images:
+            return torch.zeros(0, 3, self.size, self.size)
+        return torch.from_numpy(np.ascontiguousarray(np.stack([self.process_one(im) for im in images])))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.key})"
+
+
+class MultiPreprocessor:
+    """Runs each distinct preprocessing once: list of PIL images -> {preprocess_key: Tensor[N, 3, H, W]}.
+
+    Picklable (it only holds the weight-free preprocessors), so it can be the transform of a DataLoader worker.
+    """
+
+    def __init__(self, preprocessors: Dict[str, Callable]):
+        self.preprocessors = dict(preprocessors)
+
+    @property
+    def keys(self) -> List[str]:
+        return list(self.preprocessors)
+
+    def __call__(self, images) -> Dict[str, torch.Tensor]:
+        images = [to_rgb(image) for image in _as_image_list(images)]
+        return {key: preprocessor(images) for key, preprocessor in self.preprocessors.items()}
+
+    def __repr__(self):
+        return f"{type(self).__name__}({list(self.preprocessors.values())})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Locating weights (local path or Hub)
+# ----------------------------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".json")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return bool(_HUB_ID.match(path)) and not path.lower().endswith(_WEIGHT_SUFFIXES) and ".." not in path
+
+
+def _resolve_weights_file(path: str, filename: str, metric: str, what: str) -> str:
+    """Returns a local file for `path`: an existing file, `filename` inside an existing folder, a Hub repo id (the
+    file is downloaded with `hf_hub_download`) or an http(s) URL. Otherwise raises FileNotFoundError naming the path
+    and how to obtain the file."""
+    path = os.path.expanduser(str(path))
+    how_to = _HOW_TO.get(metric, "")
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        candidate = os.path.join(path, filename)
+        if os.path.isfile(candidate):
+            return candidate
+        raise FileNotFoundError(f"{what} for '{metric}': no file '{filename}' in folder '{path}'. {how_to}")
+    if path.startswith(("http://", "https://")):
+        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(path.split("?")[0]))
+        try:
+            if not os.path.isfile(target):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                torch.hub.download_url_to_file(path, target, progress=True)
+            return target
+        except Exception as error:
+            raise FileNotFoundError(
+                f"{what} for '{metric}': could not download '{path}' ({error}). {how_to}"
+            ) from error
+    if _looks_like_hub_id(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return hf_hub_download(repo_id=path, filename=filename)
+        except Exception as error:
+            raise FileNotFoundError(
+                f"{what} for '{metric}': '{path}' is not a local file and '{filename}' could not be downloaded from "
+                f"the Hub repo '{path}' ({type(error).__name__}: {error}). {how_to}"
+            ) from error
+    raise FileNotFoundError(f"{what} for '{metric}' not found: '{path}' does not exist. {how_to}")
+
+
+def _check_pretrained_location(path: str, metric: str, what: str) -> str:
+    """A transformers `from_pretrained` location must be an existing folder or a Hub id."""
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path) or _looks_like_hub_id(path):
+        return path
+    raise FileNotFoundError(f"{what} for '{metric}' not found: '{path}' is not a folder. {_HOW_TO.get(metric, '')}")
+
+
+def _from_pretrained(loader, path: str, metric: str, what: str, **kwargs):
+    path = _check_pretrained_location(path, metric, what)
+    try:
+        return loader(path, **kwargs)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"Could not load {what} for '{metric}' from '{path}' ({error}). {_HOW_TO.get(metric, '')}"
+        ) from error
+
+
+def _load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
+    """Loads a checkpoint with weights_only=True, unwrapping `{"state_dict": ...}` and a DDP `module.` prefix."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"'{path}' does not hold a state dict.")
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module.") :]: value for key, value in state.items()}
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Score cache and per-call context
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ScoreCache:
+    """In-memory cache of scores keyed by (scorer identity, image content hash, prompt).
+
+    Scoring an (image, prompt) pair that is already cached runs no model. Images are hashed after preprocessing
+    (the pixel tensor bytes), so PIL inputs and preprocessed tensors of the same image share entries. Pass
+    `max_entries` to bound memory (least recently used entries are evicted first).
+    """
+
+    def __init__(self, max_entries: Optional[int] = None):
+        self.max_entries = max_entries
+        self._entries: "OrderedDict[tuple, float]" = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self):
+        return len(self._entries)
+
+    def __contains__(self, key):
+        return key in self._entries
+
+    def get(self, key) -> Optional[float]:
+        value = self._entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key, value: float):
+        self._entries[key] = float(value)
+        self._entries.move_to_end(key)
+        if self.max_entries is not None:
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self):
+        self._entries.clear()
+        self.hits = self.misses = 0
+
+    def state_dict(self) -> dict:
+        return {"entries": [list(key) + [value] for key, value in self._entries.items()]}
+
+    def load_state_dict(self, state: dict):
+        self._entries = OrderedDict((tuple(entry[:-1]), float(entry[-1])) for entry in state["entries"])
+
+
+class ScoreContext:
+    """Memo for one scoring call: lets scorers that share a model reuse its image/text embeddings and lets all
+    scorers share the per-image hashes and row subsets of a preprocessed tensor."""
+
+    def __init__(self):
+        self._memo: Dict[Any, Any] = {}
+
+    def get(self, key, compute: Callable[[], Any]):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def row_hashes(self, pixel_values: torch.Tensor) -> List[str]:
+        return self.get(("hashes", id(pixel_values)), lambda: [hash_image(row) for row in pixel_values.detach().cpu()])
+
+    def subset(self, pixel_values: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        rows = tuple(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=pixel_values.device)
+        return self.get(("subset", id(pixel_values), rows), lambda: pixel_values.index_select(0, index))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scorer base class and registry
+# ----------------------------------------------------------------------------------------------------------------
+
+_SCORERS: Dict[str, type] = {}
+
+
+def register_scorer(name: str):
+    """Class decorator registering a `Scorer` subclass under `name` so `build_scorer(name)` and
+    `--reward_models name` find it."""
+
+    def decorator(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Scorer)):
+            raise TypeError(f"@register_scorer({name!r}) needs a subclass of rewards.Scorer, got {cls!r}.")
+        cls.name = name
+        _SCORERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_scorers() -> List[str]:
+    """Names of the registered scorers (built-in and user ones)."""
+    return sorted(_SCORERS)
+
+
+def _scorer_class(name: str) -> type:
+    if name in _SCORERS:
+        return _SCORERS[name]
+    if ":" in name:
+        module_name, _, class_name = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ValueError(f"Cannot import module '{module_name}' for scorer '{name}': {error}") from error
+        cls = module
+        for part in class_name.split("."):
+            cls = getattr(cls, part, None)
+            if cls is None:
+                raise ValueError(f"Module '{module_name}' has no attribute '{class_name}' (scorer '{name}').")
+        if not (isinstance(cls, type) and issubclass(cls, Scorer)):
+            raise ValueError(f"'{name}' is not a subclass of rewards.Scorer.")
+        return cls
+    raise ValueError(
+        f"Unknown reward metric '{name}'. Available: {', '.join(available_scorers())}; or give a user scorer as "
+        "'package.module:ClassName'."
+    )
+
+
+def build_scorer(name: str, **options) -> "Scorer":
+    """Builds a scorer by registered name or as `"package.module:ClassName"`.
+
+    Common options: `device`, `dtype` ("float32", "bfloat16", "float16" or a torch.dtype; weights are cast to it),
+    `batch_size`, `temperature` (overrides the native scale), `weight` (voting weight), `cache` (a ScoreCache).
+    Model options (`path`, `processor_path`, `head_path`, `arch`, `tokenizer_path`, ...) accept a Hub id or a local
+    path; see each scorer's docstring.
+    """
+    cls = _scorer_class(name)
+    accepted = _accepted_options(cls)
+    cache = options.get("cache")
+    if accepted is not None:
+        for internal in ("model_pool", "cache"):  # passed by build_scorers; optional for user scorers
+            if internal not in accepted:
+                options.pop(internal, None)
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for scorer '{name}'; it accepts {sorted(accepted - {'model_pool'})}."
+            )
+    scorer = cls(**options)
+    scorer.name = name
+    if cache is not None:
+        scorer.cache = cache
+    if not scorer._identity:
+        skip = {"device", "batch_size", "temperature", "weight", "cache", "model_pool"}
+        scorer._identity = {k: v for k, v in options.items() if k not in skip}
+    return scorer
+
+
+def _accepted_options(cls) -> Optional[set]:
+    """Keyword options the constructor chain of `cls` accepts (None when it takes arbitrary keywords)."""
+    accepted = set()
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__ or klass is object:
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        accepted |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return accepted
+    return None
+
+
+class Scorer:
+    """Base class of every scorer: maps (image, prompt) pairs to a scalar score.
+
+    A subclass sets `self.preprocessor` (a picklable callable: list of PIL images -> float32 tensor [N, 3, H, W]) and
+    implements either `compute_scores(pixel_values, prompts)` for one batch (already on the scorer's device and in
+    its dtype) or, for full control, `_score_pixels(pixel_values, prompts, context)`. Override `modules()` to return
+    the nn.Modules that `to(device)` must move. Register it with `@register_scorer("name")` or pass
+    `"package.module:ClassName"` to `build_scorer`.
+
+    `score()` batches by `batch_size`, runs under `torch.inference_mode()`, uses the cache when one is given and
+    returns a float32 CPU tensor (a normal tensor, usable in autograd-recorded code).
+    """
+
+    name: Optional[str] = None
+    default_temperature: float = 1.0
+    # Scorers whose score ignores the prompt set this, so their cache entries are shared across prompts.
+    prompt_free: bool = False
+
+    def __init__(
+        self,
+        device=None,
+        dtype=None,
+        batch_size: int = 32,
+        temperature: Optional[float] = None,
+        weight: float = 1.0,
+        cache: Optional[ScoreCache] = None,
+        model_pool: Optional[dict] = None,
+    ):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = _resolve_dtype(dtype)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self._temperature_override = temperature is not None
+        self.temperature = float(temperature) if temperature is not None else float(self.default_temperature)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.weight = float(weight)
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}.")
+        self.cache = cache
+        self.model_pool = model_pool if model_pool is not None else {}
+        self.preprocessor: Optional[Callable] = None
+        self._preprocess_key: Optional[str] = None
+        self._identity: Dict[str, Any] = {}
+
+    # -- preprocessing ------------------------------------------------------------------------------------------
+
+    @property
+    def preprocess_key(self) -> str:
+        """Scorers with equal keys use identical image preprocessing and share one preprocessed tensor."""
+        if self._preprocess_key is not None:
+            return self._preprocess_key
+        key = getattr(self.preprocessor, "key", None)
+        return key if key is not None else f"{type(self).__module__}.{type(self).__qualname__}"
+
+    @preprocess_key.setter
+    def preprocess_key(self, value: str):
+        self._preprocess_key = value
+
+    def preprocess(self, images) -> torch.Tensor:
+        """List of PIL images -> float32 CPU tensor [N, 3, H, W] (the same as `self.preprocessor(images)`)."""
+        if self.preprocessor is None:
+            raise NotImplementedError(f"Scorer {type(self).__name__} sets no preprocessor.")
+        return self.preprocessor(_as_image_list(images))
+
+    # -- devices ------------------------------------------------------------------------------------------------
+
+    def modules(self) -> List[nn.Module]:
+        """The modules holding this scorer's weights (moved by `to`)."""
+        return []
+
+    def to(self, device) -> "Scorer":
+        self.device = torch.device(device)
+        for module in self.modules():
+            module.to(self.device)
+        return self
+
+    @property
+    def cache_id(self) -> str:
+        """Identity of the scores this scorer produces (class, name, model options and dtype)."""
+        options = json.dumps(self._identity, sort_keys=True, default=str)
+        return f"{type(self).__module__}.{type(self).__qualname__}|{self.name}|{options}|{_dtype_name(self.dtype)}"
+
+    # -- scoring ------------------------------------------------------------------------------------------------
+
+    def _pixel_values(self, images) -> torch.Tensor:
+        if isinstance(images, dict):
+            if self.preprocess_key not in images:
+                raise KeyError(f"No preprocessed tensor for key '{self.preprocess_key}' (scorer '{self.name}').")
+            images = images[self.preprocess_key]
+        if isinstance(images, torch.Tensor):
+            if images.ndim == 3:
+                images = images.unsqueeze(0)
+            if images.ndim != 4:
+                raise ValueError(f"Expected pixel values [N, 3, H, W], got shape {tuple(images.shape)}.")
+            return images
+        return self.preprocess(images)
+
+    def score(self, images, prompts, context: Optional[ScoreContext] = None) -> torch.Tensor:
+        """Scores images (a list of PIL images, the preprocessed tensor, or a dict from a MultiPreprocessor) against
+        their prompts (one per image, or one string for all). Returns a float32 CPU tensor [N]."""
+        pixel_values = self._pixel_values(images)
+        prompts = _as_prompt_list(prompts, len(pixel_values))
+        context = context if context is not None else ScoreContext()
+        n = len(prompts)
+        values = [None] * n
+        rows = list(range(n))
+        keys = None
+        if self.cache is not None and n:
+            hashes = context.row_hashes(pixel_values)
+            keys = [(self.cache_id, h, "" if self.prompt_free else p) for h, p in zip(hashes, prompts)]
+            first_row = {}
+            for i, key in enumerate(keys):
+                cached = self.cache.get(key)
+                if cached is not None:
+                    values[i] = cached
+                else:
+                    first_row.setdefault(key, i)  # identical (image, prompt) pairs run once
+            rows = sorted(first_row.values())
+        if rows:
+            subset = pixel_values if len(rows) == n else context.subset(pixel_values, rows)
+            with torch.inference_mode():
+                computed = self._score_pixels(subset, [prompts[i] for i in rows], context)
+                computed = computed.detach().float().cpu().tolist()
+            if len(computed) != len(rows):
+                raise RuntimeError(f"Scorer '{self.name}' returned {len(computed)} scores for {len(rows)} images.")
+            for i, value in zip(rows, computed):
+                values[i] = value
+                if keys is not None:
+                    self.cache.put(keys[i], value)
+            if keys is not None:
+                by_key = {keys[i]: values[i] for i in rows}
+                values = [by_key[keys[i]] if v is None else v for i, v in enumerate(values)]
+        return torch.tensor(values, dtype=torch.float32)
+
+    def _score_pixels(self, pixel_values: torch.Tensor, prompts: List[str], context: ScoreContext) -> torch.Tensor:
+        """Scores all rows; the default batches `compute_scores` over `batch_size` rows on the scorer's device."""
+        outputs = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = pixel_values[start : start + self.batch_size].to(device=self.device, dtype=self.dtype)
+            outputs.append(self.compute_scores(chunk, prompts[start : start + self.batch_size]).float().reshape(-1))
+        return torch.cat(outputs) if outputs else torch.zeros(0)
+
+    def compute_scores(self, pixel_values: torch.Tensor, prompts: List[str]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_scores or _score_pixels.")
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(name={self.name!r}, temperature={self.temperature:.4g}, weight={self.weight}, "
+            f"device={self.device}, dtype={_dtype_name(self.dtype)})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared model loading and embeddings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _clip_preprocessor_from(processor_path: str, metric: str) -> CLIPImagePreprocessor:
+    """Reads a CLIP image-processor config (PIL backend when the installed transformers has backends)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = _from_pretrained(
+            AutoImageProcessor.from_pretrained, processor_path, metric, "image processor", backend="pil"
+        )
+    except TypeError:  # transformers without image-processor backends
+        processor = _from_pretrained(AutoImageProcessor.from_pretrained, processor_path, metric, "image processor")
+    size = processor.size if getattr(processor, "do_resize", True) else None
+    size = dict(size) if size is not None else {"shortest_edge": 224}
+    size = size.get("shortest_edge") or (size["height"], size["width"])
+    crop = processor.crop_size if getattr(processor, "do_center_crop", True) else None
+    crop = dict(crop) if crop is not None else None
+    resample = getattr(processor, "resample", 3)
+    return CLIPImagePreprocessor(
+        size=size,
+        crop_size=(crop["height"], crop["width"]) if crop else None,
+        image_mean=processor.image_mean or OPENAI_CLIP_MEAN,
+        image_std=processor.image_std or OPENAI_CLIP_STD,
+        resample=int(resample if resample is not None else 3),
+    )
+
+
+def _load_clip(scorer: Scorer, metric: str, path: str, processor_path: str):
+    """Loads (or reuses from the scorer set's pool) a transformers CLIPModel with its tokenizer and preprocessor."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    key = ("clip", os.path.expanduser(str(path)), os.path.expanduser(str(processor_path)), scorer.dtype)
+    if key not in scorer.model_pool:
+        model = _from_pretrained(CLIPModel.from_pretrained, path, metric, "CLIP model", dtype=scorer.dtype)
+        model = model.to(device=scorer.device, dtype=scorer.dtype).eval().requires_grad_(False)
+        tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, processor_path, metric, "tokenizer")
+        preprocessor = _clip_preprocessor_from(processor_path, metric)
+        scorer.model_pool[key] = (model, tokenizer, preprocessor)
+    return scorer.model_pool[key]
+
+
+def _clip_image_embeds(context: ScoreContext, model, pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Projected CLIP image embeddings (float32), computed once per model and input tensor within a call."""
+
+    def compute():
+        device, dtype = _module_device_dtype(model)
+        chunks = [
+            _features(model.get_image_features(pixel_values=chunk.to(device=device, dtype=dtype))).float()
+            for chunk in pixel_values.split(batch_size)
+        ]
+        return torch.cat(chunks)
+
+    return context.get(("clip_image", id(model), id(pixel_values)), compute)
+
+
+def _unique(prompts: List[str]):
+    unique = list(dict.fromkeys(prompts))
+    position = {p: i for i, p in enumerate(unique)}
+    return unique, [position[p] for p in prompts]
+
+
+def _clip_text_embeds(context: ScoreContext, model, tokenizer, prompts: List[str], batch_size: int) -> torch.Tensor:
+    """Projected CLIP text embeddings (float32) of each prompt, each unique prompt encoded once per call."""
+    unique, index = _unique(prompts)
+
+    def compute():
+        device, _ = _module_device_dtype(model)
+        max_length = min(int(getattr(tokenizer, "model_max_length", 77) or 77), 77)
+        chunks = []
+        for start in range(0, len(unique), batch_size):
+            tokens = tokenizer(
+                unique[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            tokens = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+            chunks.append(_features(model.get_text_features(**tokens)).float())
+        return torch.cat(chunks)
+
+    embeds = context.get(("clip_text", id(model), id(tokenizer), tuple(unique)), compute)
+    return embeds[torch.tensor(index, device=embeds.device)]
+
+
+class LinearStack(nn.Module):
+    """An MLP head rebuilt from a state dict with `layers.N.weight/bias` keys (the LAION aesthetic predictor and the
+    ImageReward head): Linear layers at the stored indices, identity (dropout at inference) in the gaps, and no
+    activations, exactly like the original `nn.Sequential`."""
+
+    def __init__(self, state_dict: Dict[str, torch.Tensor], source: str = "head"):
+        super().__init__()
+        indices = sorted(
+            {int(k.split(".")[1]) for k in state_dict if k.startswith("layers.") and k.endswith("weight")}
+        )
+        if not indices:
+            raise ValueError(f"{source}: no 'layers.N.weight' keys found (got {sorted(state_dict)[:8]}).")
+        layers = [nn.Identity() for _ in range(indices[-1] + 1)]
+        for i in indices:
+            weight = state_dict[f"layers.{i}.weight"]
+            layers[i] = nn.Linear(weight.shape[1], weight.shape[0], bias=f"layers.{i}.bias" in state_dict)
+        self.layers = nn.Sequential(*layers)
+        self.load_state_dict({k: v for k, v in state_dict.items() if k.startswith("layers.")}, strict=True)
+        self.input_dim = state_dict[f"layers.{indices[0]}.weight"].shape[1]
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Built-in scorers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register_scorer("pickscore")
+class PickScoreScorer(Scorer):
+    """PickScore: `logit_scale.exp() * cos(image, text)` of a CLIP-H/14 fine-tuned on Pick-a-Pic (about 100 * cos).
+
+    Options: `path` (CLIPModel; Hub id or folder, default "yuvalkirstain/PickScore_v1"), `processor_path` (tokenizer
+    and image-processor config, default "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"). Native temperature 1.0.
+    """
+
+    default_temperature = DEFAULT_TEMPERATURES["pickscore"]
+
+    def __init__(
+        self,
+        path: str = "yuvalkirstain/PickScore_v1",
+        processor_path: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.model, self.tokenizer, self.preprocessor = _load_clip(self, "pickscore", path, processor_path)
+        self._identity = {"path": str(path), "processor_path": str(processor_path)}
+
+    def modules(self):
+        return [self.model]
+
+    def _score_pixels(self, pixel_values, prompts, context):
+        image = F.normalize(_clip_image_embeds(context, self.model, pixel_values, self.batch_size), dim=-1)
+        text = F.normalize(_clip_text_embeds(context, self.model, self.tokenizer, prompts, self.batch_size), dim=-1)
+        return self.model.logit_scale.float().exp() * (image * text).sum(-1)
+
+
+@register_scorer("clip")
+class CLIPScorer(Scorer):
+    """CLIP score `100 * cos(image, text)` (not clamped at 0, so pairwise differences keep their sign).
+
+    Options: `path` (CLIPModel; default "openai/clip-vit-large-patch14"), `processor_path` (default: `path`).
+    Native temperature 1.0 on this scale.
+    """
+
+    default_temperature = DEFAULT_TEMPERATURES["clip"]
+
+    def __init__(self, path: str = "openai/clip-vit-large-patch14", processor_path: Optional[str] = None, **kwargs):
+        super().__init__(**kwargs)
+        processor_path = processor_path or path
+        self.model, self.tokenizer, self.preprocessor = _load_clip(self, "clip", path, processor_path)
+        self._identity = {"path": str(path), "processor_path": str(processor_path)}
+
+    def modules(self):
+        return [self.model]
+
+    def _score_pixels(self, pixel_values, prompts, context):
+        image = F.normalize(_clip_image_embeds(context, self.model, pixel_values, self.batch_size), dim=-1)
+        text = F.normalize(_clip_text_embeds(context, self.model, self.tokenizer, prompts, self.batch_size), dim=-1)
+        return 100.0 * (image * text).sum(-1)
+
+
+@register_scorer("aesthetic")
+class AestheticScorer(Scorer):
+    """LAION improved aesthetic predictor v2: an MLP (768-1024-128-64-16-1, no activations) on the L2-normalised
+    CLIP ViT-L/14 image embedding; roughly 1..10. The prompt is ignored.
+
+    Options: `path` (CLIPModel, default "openai/clip-vit-large-patch14"; when it equals the `clip` scorer's path, a
+    ScorerSet loads the model once and computes the image embedding once), `processor_path` (default: `path`),
+    `head_path` (the MLP `.pth` with its original `layers.N` keys; a file, a folder holding `head_filename`, a Hub
+    repo id or a URL; default the Hub copy "trl-lib/ddpo-aesthetic-predictor"), `head_filename`.
+    Native temperature 0.25 (half a rating point gives about 88%).
+    """
+
+    default_temperature = DEFAULT_TEMPERATURES["aesthetic"]
+    prompt_free = True
+
+    def __init__(
+        self,
+        path: str = "openai/clip-vit-large-patch14",
+        head_path: str = "trl-lib/ddpo-aesthetic-predictor",
+        head_filename: str = "aesthetic-model.pth",
+        processor_path: Optional[str] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        processor_path = processor_path or path
+        head_file = _resolve_weights_file(head_path, head_filename, "aesthetic", "Aesthetic MLP head")
+        self.model, _, self.preprocessor = _load_clip(self, "aesthetic", path, processor_path)
+        self.head = LinearStack(_load_state_dict_file(head_file), source=head_file)
+        self.head = self.head.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self._identity = {"path": str(path), "processor_path": str(processor_path), "head_path": str(head_path)}
+
+    def modules(self):
+        return [self.model, self.head]
+
+    def _score_pixels(self, pixel_values, prompts, context):
+        embeds = F.normalize(_clip_image_embeds(context, self.model, pixel_values, self.batch_size), dim=-1)
+        device, dtype = _module_device_dtype(self.head)
+        return self.head(embeds.to(device=device, dtype=dtype)).float().reshape(-1)
+
+
+def _open_clip_model_name(arch: str) -> str:
+    """An open_clip model name, registering a model-config JSON file first when `arch` is a path."""
+    import open_clip
+
+    if arch.endswith(".json") or os.path.sep in arch or os.path.isfile(arch):
+        if not os.path.isfile(arch):
+            raise FileNotFoundError(f"open_clip model config '{arch}' not found (hpsv2 `arch`).")
+        open_clip.add_model_config(arch)
+        return os.path.splitext(os.path.basename(arch))[0]
+    if arch not in open_clip.list_models():
+        raise ValueError(
+            f"Unknown open_clip architecture '{arch}' for hpsv2; use a name from open_clip.list_models() "
+            "or the path of an open_clip model-config JSON file."
+        )
+    return arch
+
+
+@register_scorer("hpsv2")
+class HPSv2Scorer(Scorer):
+    """Human Preference Score v2: `cos(image, text)` of an open_clip ViT-H-14 fine-tuned on HPD v2.
+
+    Options: `path` (the checkpoint `{"state_dict": ...}`: a file, a folder holding it, or a Hub repo id; default
+    "xswu/HPSv2"), `version` ("v2.1" -> HPS_v2.1_compressed.pt, default; "v2.0" -> HPS_v2_compressed.pt),
+    `filename` (overrides the file picked by `version`), `arch` (an open_clip model name, default "ViT-H-14", or the
+    path of an open_clip model-config JSON). Preprocessing: longest side to the model's image size, padded to a square.
+    Native temperature `1 / logit_scale.exp()` of the checkpoint (about 0.01).
+    """
+
+    default_temperature = DEFAULT_TEMPERATURES["hpsv2"]
+
+    def __init__(
+        self,
+        path: str = "xswu/HPSv2",
+        arch: str = "ViT-H-14",
+        version: str = "v2.1",
+        filename: Optional[str] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        import open_clip
+
+        if version not in _HPS_FILES:
+            raise ValueError(f"Unknown HPS version '{version}'; choose one of {sorted(_HPS_FILES)}.")
+        checkpoint = _resolve_weights_file(path, filename or _HPS_FILES[version], "hpsv2", "HPSv2 checkpoint")
+        model_name = _open_clip_model_name(str(arch))
+        key = ("open_clip", model_name, os.path.abspath(checkpoint), self.dtype)
+        if key not in self.model_pool:
+            previous = logging.root.manager.disable
+            logging.disable(
+                logging.WARNING
+            )  # open_clip warns that no pretrained weights were loaded: we load them next
+            try:
+                model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+            finally:
+                logging.disable(previous)
+            state = _load_state_dict_file(checkpoint)
+            if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+                state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+            model.load_state_dict(state, strict=True)
+            model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+            cfg = open_clip.get_model_preprocess_cfg(model)
+            size = cfg.get("size", 224)
+            size = size[0] if isinstance(size, (tuple, list)) else size
+            preprocessor = PadToSquarePreprocessor(
+                size=size, image_mean=cfg.get("mean", OPENAI_CLIP_MEAN), image_std=cfg.get("std", OPENAI_CLIP_STD)
+            )
+            self.model_pool[key] = (model, open_clip.get_tokenizer(model_name), preprocessor)
+        self.model, self.tokenizer, self.preprocessor = self.model_pool[key]
+        if not self._temperature_override:
+            self.temperature = float(1.0 / self.model.logit_scale.detach().float().exp().item())
+        self._identity = {"path": str(path), "checkpoint": os.path.basename(checkpoint), "arch": str(arch)}
+
+    def modules(self):
+        return [self.model]
+
+    def _score_pixels(self, pixel_values, prompts, context):
+        model = self.model
+        device, dtype = _module_device_dtype(model)
+
+        def image_features():
+            chunks = [
+                model.encode_image(chunk.to(device=device, dtype=dtype)).float()
+                for chunk in pixel_values.split(self.batch_size)
+            ]
+            return torch.cat(chunks)
+
+        unique, index = _unique(prompts)
+
+        def text_features():
+            chunks = [
+                model.encode_text(self.tokenizer(unique[i : i + self.batch_size]).to(device)).float()
+                for i in range(0, len(unique), self.batch_size)
+            ]
+            return torch.cat(chunks)
+
+        image = F.normalize(context.get(("open_clip_image", id(model), id(pixel_values)), image_features), dim=-1)
+        text = F.normalize(context.get(("open_clip_text", id(model), tuple(unique)), text_features), dim=-1)
+        text = text[torch.tensor(index, device=text.device)]
+        return (image * text).sum(-1)
+
+
+def _imagereward_vision_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Renames BLIP's timm-style ViT keys (`blip.visual_encoder.*`) to transformers' BlipVisionModel keys."""
+    prefix = "blip.visual_encoder."
+    renames = [
+        (r"^cls_token$", "embeddings.class_embedding"),
+        (r"^pos_embed$", "embeddings.position_embedding"),
+        (r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
+        (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
+        (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
+        (r"^blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
+        (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
+        (r"^blocks\.(\d+)\.mlp\.fc(\d)\.", r"encoder.layers.\1.mlp.fc\2."),
+        (r"^norm\.", "post_layernorm."),
+    ]
+    renamed = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        new_key = key[len(prefix) :]
+        for pattern, replacement in renames:
+            new_key, count = re.subn(pattern, replacement, new_key)
+            if count:
+                break
+        else:
+            raise ValueError(f"Unexpected ImageReward vision key '{key}'.")
+        renamed[new_key] = value
+    return renamed
+
+
+@register_scorer("imagereward")
+class ImageRewardScorer(Scorer):
+    """ImageReward: BLIP ViT-L/16 image encoder + BERT text encoder with cross-attention to the image + MLP head on
+    the [CLS] token; score `(mlp - 0.16717) / 1.03334`. Rebuilt on transformers' BlipVisionModel and BlipTextModel
+    (called with `is_decoder=False`) from the original `ImageReward.pt` key layout.
+
+    Options: `path` (ImageReward.pt: a file, a folder holding it, or a Hub repo id; default "THUDM/ImageReward"),
+    `filename` (default "ImageReward.pt"), `tokenizer_path` (BERT tokenizer, default "bert-base-uncased"),
+    `vision_heads` / `text_heads` (attention heads; default hidden size / 64, as in BLIP), `max_length` (35, as the
+    original). Sizes are read from the checkpoint. Native temperature 1 / 1.03334 on the normalised score.
+    """
+
+    default_temperature = DEFAULT_TEMPERATURES["imagereward"]
+
+    def __init__(
+        self,
+        path: str = "THUDM/ImageReward",
+        filename: str = "ImageReward.pt",
+        tokenizer_path: str = "bert-base-uncased",
+        vision_heads: Optional[int] = None,
+        text_heads: Optional[int] = None,
+        max_length: int = 35,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        from transformers import AutoTokenizer
+
+        checkpoint = _resolve_weights_file(path, filename, "imagereward", "ImageReward checkpoint")
+        key = ("imagereward", os.path.abspath(checkpoint), vision_heads, text_heads, self.dtype)
+        if key not in self.model_pool:
+            self.model_pool[key] = self._load(checkpoint, vision_heads, text_heads)
+        self.vision_model, self.text_model, self.head, image_size = self.model_pool[key]
+        self.tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, tokenizer_path, "imagereward", "tokenizer")
+        self.max_length = int(max_length)
+        self.preprocessor = CLIPImagePreprocessor(size=image_size, crop_size=image_size)
+        self._identity = {"path": str(path), "checkpoint": os.path.basename(checkpoint), "tokenizer": tokenizer_path}
+
+    def _load(self, checkpoint, vision_heads, text_heads):
+        from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+        state = _load_state_dict_file(checkpoint)
+        vision = _imagereward_vision_state(state)
+        text_prefix = "blip.text_encoder."
+        text = {k[len(text_prefix) :]: v for k, v in state.items() if k.startswith(text_prefix)}
+        text.pop("embeddings.position_ids", None)  # a buffer in the original, non-persistent in transformers
+        head = {k[len("mlp.") :]: v for k, v in state.items() if k.startswith("mlp.")}
+        if not vision or not text or not head:
+            raise ValueError(
+                f"'{checkpoint}' is not an ImageReward checkpoint (blip.visual_encoder.*, "
+                "blip.text_encoder.* and mlp.layers.* keys expected)."
+            )
+
+        hidden = vision["embeddings.class_embedding"].shape[-1]
+        patch = vision["embeddings.patch_embedding.weight"].shape[-1]
+        grid = int(round(math.sqrt(vision["embeddings.position_embedding"].shape[1] - 1)))
+        vision_layers = len({k.split(".")[2] for k in vision if k.startswith("encoder.layers.")})
+        vision_config = BlipVisionConfig(
+            hidden_size=hidden,
+            intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads or max(1, hidden // 64),
+            image_size=grid * patch,
+            patch_size=patch,
+            layer_norm_eps=1e-6,  # timm ViT in BLIP
+            hidden_act="gelu",
+        )
+        words = text["embeddings.word_embeddings.weight"]
+        text_layers = len({k.split(".")[2] for k in text if k.startswith("encoder.layer.")})
+        text_config = BlipTextConfig(
+            vocab_size=words.shape[0],
+            hidden_size=words.shape[1],
+            encoder_hidden_size=text["encoder.layer.0.crossattention.self.key.weight"].shape[1],
+            intermediate_size=text["encoder.layer.0.intermediate.dense.weight"].shape[0],
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads or max(1, words.shape[1] // 64),
+            max_position_embeddings=text["embeddings.position_embeddings.weight"].shape[0],
+            layer_norm_eps=1e-12,  # BERT
+            hidden_act="gelu",
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            is_decoder=True,  # builds the cross-attention layers; the forward runs with is_decoder=False
+            pad_token_id=0,
+            bos_token_id=words.shape[0] - 2,  # BLIP's added [DEC] token
+            sep_token_id=min(102, words.shape[0] - 1),
+        )
+        vision_model = BlipVisionModel(vision_config)
+        vision_model.load_state_dict(vision, strict=True)
+        text_model = BlipTextModel(text_config, add_pooling_layer=False)
+        text_model.load_state_dict(text, strict=True)
+        head_model = LinearStack(head, source=checkpoint)
+        modules = []
+        for module in (vision_model, text_model, head_model):
+            modules.append(module.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False))
+        return (*modules, grid * patch)
+
+    def modules(self):
+        return [self.vision_model, self.text_model, self.head]
+
+    def _score_pixels(self, pixel_values, prompts, context):
+        device, dtype = _module_device_dtype(self.vision_model)
+        unique, index = _unique(prompts)
+        tokens = self.tokenizer(
+            unique, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        order = torch.tensor(index)
+        input_ids, attention_mask = tokens["input_ids"][order], tokens["attention_mask"][order]
+        outputs = []
+        for start in range(0, len(prompts), self.batch_size):
+            stop = start + self.batch_size
+            image_embeds = self.vision_model(
+                pixel_values=pixel_values[start:stop].to(device=device, dtype=dtype)
+            ).last_hidden_state
+            text = self.text_model(
+                input_ids=input_ids[start:stop].to(device),
+                attention_mask=attention_mask[start:stop].to(device),
+                encoder_hidden_states=image_embeds,
+                is_decoder=False,
+            ).last_hidden_state[:, 0, :]
+            reward = self.head(text).float().reshape(-1)
+            outputs.append((reward - IMAGEREWARD_MEAN) / IMAGEREWARD_STD)
+        return torch.cat(outputs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sets of scorers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_reward_config(config: Union[str, os.PathLike, dict, None]) -> Dict[str, dict]:
+    """Reads a reward config: a JSON object mapping each metric name to its `build_scorer` options.
+
+    Accepts a path to a JSON file, a dict, or None (empty config). Returns a fresh dict of dicts.
+    """
+    if config is None:
+        return {}
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Reward config '{path}' not found.")
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise ValueError("A reward config must be a JSON object mapping metric names to objects of options.")
+    return json.loads(json.dumps(config))
+
+
+def _parse_names(names) -> List[str]:
+    if names is None:
+        return list(DEFAULT_REWARD_MODELS)
+    if isinstance(names, str):
+        names = names.split(",")
+    names = [n.strip() for n in names if n and n.strip()]
+    if not names:
+        raise ValueError("No reward metric given.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Duplicate reward metrics in {names}.")
+    return names
+
+
+class ScorerSet:
+    """The scorers of one run, sharing models, preprocessing, embeddings and a cache.
+
+    Attributes: `names`, `scorers` (name -> scorer), `temperatures`, `weights` (name -> float), `preprocessor` (a
+    picklable MultiPreprocessor: list of PIL images -> {preprocess_key: tensor}). `score()` returns float32 CPU
+    tensors. With `offload=True`, scorers stay on the CPU and each group of scorers sharing weights moves to
+    `device` only while it scores.
+    """
+
+    def __init__(self, scorers: Dict[str, Scorer], device=None, offload: bool = False):
+        self.scorers = dict(scorers)
+        self.names = list(self.scorers)
+        self.offload = offload
+        self.device = torch.device(device) if device is not None else next(iter(self.scorers.values())).device
+        preprocessors = {}
+        for scorer in self.scorers.values():
+            preprocessors.setdefault(scorer.preprocess_key, scorer.preprocessor)
+        self.preprocessor = MultiPreprocessor(preprocessors)
+        self._groups = self._share_groups()
+
+    @property
+    def temperatures(self) -> Dict[str, float]:
+        return {name: scorer.temperature for name, scorer in self.scorers.items()}
+
+    @property
+    def weights(self) -> Dict[str, float]:
+        return {name: scorer.weight for name, scorer in self.scorers.items()}
+
+    def _share_groups(self) -> List[List[str]]:
+        """Groups scorers that hold a common module, so they move (offload) and run together."""
+        groups: List[List[str]] = []
+        owners: List[set] = []
+        for name, scorer in self.scorers.items():
+            ids = {id(m) for m in scorer.modules()}
+            merged = [i for i, owned in enumerate(owners) if owned & ids]
+            group, owned = [name], set(ids)
+            for i in reversed(merged):
+                group = groups.pop(i) + group
+                owned |= owners.pop(i)
+            groups.append(group)
+            owners.append(owned)
+        order = {name: i for i, name in enumerate(self.names)}
+        return sorted((sorted(g, key=order.get) for g in groups), key=lambda g: order[g[0]])
+
+    def preprocess(self, images) -> Dict[str, torch.Tensor]:
+        return self.preprocessor(images)
+
+    def to(self, device) -> "ScorerSet":
+        self.device = torch.device(device)
+        if not self.offload:
+            for scorer in self.scorers.values():
+                scorer.to(self.device)
+        return self
+
+    def score(self, inputs, prompts) -> Dict[str, torch.Tensor]:
+        """Scores images (a list of PIL images or the dict the preprocessor returns) against their prompts.
+        Returns {metric name: float32 CPU tensor [N]}."""
+        if not isinstance(inputs, dict):
+            inputs = self.preprocessor(inputs)
+        context = ScoreContext()
+        results = {}
+        for group in self._groups:
+            if self.offload:
+                for name in group:
+                    self.scorers[name].to(self.device)
+            try:
+                for name in group:
+                    scorer = self.scorers[name]
+                    results[name] = scorer.score(inputs, prompts, context=context)
+            finally:
+                if self.offload:
+                    for name in group:
+                        self.scorers[name].to("cpu")
+        return {name: results[name] for name in self.names}
+
+    def score_pairs(self, inputs_0, inputs_1, prompts):
+        """Scores both images of each pair in one call (one forward per model, each prompt encoded once).
+
+        `inputs_0` / `inputs_1` are lists of PIL images or dicts from `preprocessor`; `prompts` has one prompt per
+        pair. Returns (scores_0, scores_1), each {metric name: float32 CPU tensor [B]}.
+        """
+        if isinstance(inputs_0, dict) != isinstance(inputs_1, dict):
+            raise ValueError("Give both sides of the pairs in the same form (PIL lists or preprocessed dicts).")
+        if isinstance(inputs_0, dict):
+            inputs = {key: torch.cat([inputs_0[key], inputs_1[key]]) for key in inputs_0}
+            count = len(next(iter(inputs_0.values())))
+        else:
+            inputs_0, inputs_1 = _as_image_list(inputs_0), _as_image_list(inputs_1)
+            inputs, count = inputs_0 + inputs_1, len(inputs_0)
+        prompts = _as_prompt_list(prompts, count)
+        scores = self.score(inputs, prompts + prompts)
+        return {m: v[:count] for m, v in scores.items()}, {m: v[count:] for m, v in scores.items()}
+
+    def __repr__(self):
+        return f"ScorerSet({list(self.scorers.values())}, offload={self.offload})"
+
+
+def build_scorers(
+    names: Union[str, Sequence[str], None] = None,
+    config: Union[str, dict, None] = None,
+    device=None,
+    dtype=None,
+    cache: Optional[ScoreCache] = None,
+    offload: bool = False,
+) -> ScorerSet:
+    """Builds a ScorerSet from metric names (a list or a comma-separated string; default the four of the paper) and
+    a reward config (path, dict or None). `device` / `dtype`, when given, override the config's. Scorers that use the
+    same model (e.g. `clip` and `aesthetic` with one CLIP path and dtype) share one model object."""
+    names = _parse_names(names)
+    for name in names:  # fail on a bad name before loading any model
+        _scorer_class(name)
+    config = load_reward_config(config)
+    pool: dict = {}
+    scorers = {}
+    target_device = device
+    for name in names:
+        options = dict(config.get(name, {}))
+        if device is not None:
+            options["device"] = device
+        if dtype is not None:
+            options["dtype"] = dtype
+        if offload:
+            target_device = target_device if target_device is not None else options.get("device")
+            options["device"] = "cpu"
+        if cache is not None:
+            options["cache"] = cache
+        scorers[name] = build_scorer(name, model_pool=pool, **options)
+    return ScorerSet(scorers, device=target_device, offload=offload)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairwise probabilities and consensus
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _centered_prob(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(x) - 0.5, computed so that it is exactly odd in x (swapping a pair negates it bit for bit)."""
+    return torch.sign(x) * (0.5 * torch.tanh(x.abs() * 0.5))
+
+
+def _as_float64(values) -> torch.Tensor:
+    return torch.as_tensor(values).detach().to("cpu", torch.float64).reshape(-1)
+
+
+def _check_score_dicts(scores_0: dict, scores_1: dict) -> List[str]:
+    if not scores_0:
+        raise ValueError("No scores given.")
+    if set(scores_0) != set(scores_1):
+        raise ValueError(f"scores_0 and scores_1 have different metrics: {sorted(scores_0)} vs {sorted(scores_1)}.")
+    names = sorted(scores_0)
+    sizes = {len(_as_float64(scores_0[m])) for m in names} | {len(_as_float64(scores_1[m])) for m in names}
+    if len(sizes) != 1:
+        raise ValueError("All score tensors must have the same length.")
+    return names
+
+
+def _temperature(temperatures: Optional[dict], name: str) -> float:
+    value = (temperatures or {}).get(name, DEFAULT_TEMPERATURES.get(name, 1.0))
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"Temperature of '{name}' must be > 0, got {value}.")
+    return value
+
+
+def pairwise_probabilities(
+    scores_0: dict, scores_1: dict, temperatures: Optional[dict] = None
+) -> Dict[str, torch.Tensor]:
+    """`p_m = sigmoid((s0 - s1) / tau_m)`: probability that image 0 is preferred, per metric (float32 tensors).
+
+    Temperatures default to each metric's native scale (DEFAULT_TEMPERATURES; 1.0 for unknown metrics)."""
+    names = _check_score_dicts(scores_0, scores_1)
+    probs = {}
+    for m in names:
+        x = (_as_float64(scores_0[m]) - _as_float64(scores_1[m])) / _temperature(temperatures, m)
+        probs[m] = (0.5 + _centered_prob(x)).float()
+    return probs
+
+
+@dataclasses.dataclass
+class ConsensusResult:
+    """Per-pair consensus.
+
+    label: 1.0 = image 0 preferred, 0.0 = image 1 preferred, 0.5 = unresolved tie (always dropped).
+    prob: soft probability that image 0 is preferred (the soft DPO target).
+    agreement: weighted share of the non-abstaining voters that vote for the label's image (for unresolved ties:
+        the larger side's share; 0 when no voter votes).
+    keep: False for dropped pairs (unresolved ties, human ties/unknowns in `human` mode, agreement < min_agreement).
+    votes: voter name -> int8 tensor (+1 image 0, -1 image 1, 0 abstain); includes "human" when it votes.
+    probs: metric name -> p_m.
+    """
+
+    label: torch.Tensor
+    prob: torch.Tensor
+    agreement: torch.Tensor
+    keep: torch.Tensor
+    votes: Dict[str, torch.Tensor]
+    probs: Dict[str, torch.Tensor]
+    mode: str = "majority"
+
+    @property
+    def num_kept(self) -> int:
+        return int(self.keep.sum())
+
+
+class NormalizedSumState:
+    """Running scale of each metric's score difference for `normalized_sum`.
+
+    sigma_m is the root mean square of Delta_m over the first `warmup_pairs` pairs, then frozen. (Delta is
+    antisymmetric in the pair order, so its mean is zero by symmetry; the RMS does not depend on which image is
+    listed first.) Save it with the training checkpoint via state_dict()/load_state_dict().
+    """
+
+    def __init__(self, warmup_pairs: int = 2048):
+        self.warmup_pairs = int(warmup_pairs)
+        self.counts: Dict[str, int] = {}
+        self.sum_squares: Dict[str, float] = {}
+
+    def frozen(self, name: str) -> bool:
+        return self.counts.get(name, 0) >= self.warmup_pairs
+
+    def update(self, deltas: Dict[str, torch.Tensor]):
+        for name, delta in deltas.items():
+            if self.frozen(name):
+                continue
+            delta = _as_float64(delta)
+            delta = delta[torch.isfinite(delta)]
+            self.counts[name] = self.counts.get(name, 0) + int(delta.numel())
+            self.sum_squares[name] = self.sum_squares.get(name, 0.0) + float((delta * delta).sum())
+
+    def sigma(self, name: str) -> float:
+        count = self.counts.get(name, 0)
+        return math.sqrt(self.sum_squares[name] / count) if count else float("nan")
+
+    def state_dict(self) -> dict:
+        return {"warmup_pairs": self.warmup_pairs, "counts": dict(self.counts), "sum_squares": dict(self.sum_squares)}
+
+    def load_state_dict(self, state: dict):
+        self.warmup_pairs = int(state["warmup_pairs"])
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self.sum_squares = {k: float(v) for k, v in state["sum_squares"].items()}
+
+
+def _check_mode(mode: str, tie_policy: str, abstain_margin: float, min_agreement: float):
+    if not (mode in CONSENSUS_MODES or (mode.startswith("single:") and len(mode) > len("single:"))):
+        raise ValueError(f"Unknown consensus mode '{mode}'; choose one of {CONSENSUS_MODES}.")
+    if tie_policy not in TIE_POLICIES:
+        raise ValueError(f"Unknown tie_policy '{tie_policy}'; choose one of {TIE_POLICIES}.")
+    if not 0.0 <= abstain_margin < 0.5:
+        raise ValueError(f"abstain_margin must be in [0, 0.5), got {abstain_margin}.")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}.")
+
+
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    """+1 / -1 / 0 as float64, NaN -> 0."""
+    return torch.where(x > 0, 1.0, torch.where(x < 0, -1.0, 0.0)).to(torch.float64)
+
+
+def consensus(
+    scores_0: Dict[str, torch.Tensor],
+    scores_1: Dict[str, torch.Tensor],
+    mode: str = "majority",
+    temperatures: Optional[Dict[str, float]] = None,
+    weights: Optional[Dict[str, float]] = None,
+    human_label=None,
+    human_vote: bool = False,
+    abstain_margin: float = 0.0,
+    tie_policy: str = "mean_prob",
+    min_agreement: float = 0.0,
+    state: Optional[NormalizedSumState] = None,
+    generator: Optional[torch.Generator] = None,
+) -> ConsensusResult:
+    """The consensus preference of each pair (method.md §4).
+
+    Args:
+        scores_0, scores_1: metric name -> scores of image 0 / image 1 of each pair (tensors [B]).
+        mode: "majority" (weighted vote count; default), "mean_prob" (weighted mean of p_m), "human" (the human label
+            only; human ties and unknowns dropped), "single:<metric>", "reward_sum" (sign of the weighted sum of raw
+            score differences), "normalized_sum" (sign of sum_m w_m Delta_m / sigma_m, sigma_m from `state` or, without
+            one, from this batch) or "random_metric" (the vote of one metric per pair drawn with probability
+            proportional to its weight, using `generator`; a fixed default generator when None).
+        temperatures, weights: per metric (defaults: native temperatures, weight 1). `weights["human"]` weighs the
+            human voter.
+        human_label: float tensor [B]: 1.0 image 0, 0.0 image 1, 0.5 tie, NaN unknown.
+        human_vote: count the human label as one more voter (majority, mean_prob, agreement).
+        abstain_margin: delta; a metric votes for image 0 when p_m > 0.5 + delta, for image 1 when p_m < 0.5 - delta.
+        tie_policy: "mean_prob" (break a tie by the weighted mean probability of the metrics, drop if exactly 0.5),
+            "human" (fall back to the human label, drop if that is a tie or unknown) or "drop".
+        min_agreement: drop pairs whose agreement is below it.
+
+    Decision statistics are computed so that swapping image 0 and image 1 flips every label exactly. `prob` is the
+    mode's soft target: majority -> weighted share of votes for image 0; mean_prob -> the weighted mean probability;
+    single/random_metric -> that metric's p_m; reward_sum / normalized_sum -> sigmoid of the summed difference; human
+    -> the human label. For a tie broken by mean_prob (or by the human label), `prob` is that mean probability (or
+    the human label).
+    """
+    _check_mode(mode, tie_policy, abstain_margin, min_agreement)
+    # The human label alone needs no scorer (plain Diffusion-DPO).
+    names = [] if mode == "human" and not scores_0 and not scores_1 else _check_score_dicts(scores_0, scores_1)
+    if mode.startswith("single:") and mode[len("single:") :] not in names:
+        raise ValueError(
+            f"Consensus mode '{mode}': metric not scored; choose one of {['single:' + m for m in names]}."
+        )
+    weights = dict(weights or {})
+    w = {m: float(weights.get(m, 1.0)) for m in names}
+    if any(v < 0 for v in w.values()):
+        raise ValueError(f"Weights must be >= 0, got {w}.")
+    s0 = {m: _as_float64(scores_0[m]) for m in names}
+    s1 = {m: _as_float64(scores_1[m]) for m in names}
+    batch = len(s0[names[0]]) if names else len(_as_float64(human_label if human_label is not None else []))
+
+    human = None
+    if human_label is not None:
+        human = _as_float64(human_label)
+        if len(human) != batch:
+            raise ValueError(f"human_label has {len(human)} entries for {batch} pairs.")
+    if (mode == "human" or tie_policy == "human" or human_vote) and human is None:
+        raise ValueError(f"mode='{mode}', tie_policy='{tie_policy}', human_vote={human_vote} need human_label.")
+
+    delta = {m: s0[m] - s1[m] for m in names}
+    x = {m: delta[m] / _temperature(temperatures, m) for m in names}
+    centered = {m: _centered_prob(x[m]) for m in names}
+    probs = {m: (0.5 + centered[m]).float() for m in names}
+    # p > 0.5 + delta  <=>  x > logit(0.5 + delta); comparing x keeps votes exactly antisymmetric.
+    threshold = 2.0 * math.atanh(2.0 * abstain_margin) if abstain_margin > 0 else 0.0
+    votes = {m: torch.where(x[m] > threshold, 1.0, torch.where(x[m] < -threshold, -1.0, 0.0)) for m in names}
+    voter_weights = dict(w)
+    if human_vote or (mode == "human" and not names):
+        # Without scored metrics, the human label is the only voter in "human" mode.
+        votes["human"] = _sign(human - 0.5)
+        voter_weights["human"] = float(weights.get("human", 1.0))
+    zeros = torch.zeros(batch, dtype=torch.float64)
+    pos = sum((voter_weights[v] * (votes[v] > 0) for v in votes), zeros.clone())
+    neg = sum((voter_weights[v] * (votes[v] < 0) for v in votes), zeros.clone())
+    total = pos + neg
+
+    metric_weight = sum(w.values())
+    mean_centered = sum((w[m] * centered[m] for m in names), zeros.clone()) / metric_weight if metric_weight else zeros
+
+    if mode == "majority":
+        stat = torch.where((pos - neg).abs() <= 1e-9 * total, 0.0, pos - neg)
+        prob = torch.where(total > 0, pos / total.clamp_min(1e-300), 0.5)
+    elif mode == "mean_prob":
+        numerator = sum((w[m] * centered[m] for m in names), zeros.clone())
+        denominator = zeros + metric_weight
+        if human_vote:
+            known = torch.isfinite(human)
+            numerator = numerator + voter_weights["human"] * 0.5 * votes["human"]
+            denominator = denominator + voter_weights["human"] * known
+        stat = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), 0.0)
+        prob = 0.5 + stat
+    elif mode == "human":
+        stat = human - 0.5
+        prob = torch.where(torch.isfinite(human), human, 0.5)
+    elif mode.startswith("single:"):
+        metric = mode[len("single:") :]
+        stat = votes[metric].clone()
+        prob = 0.5 + centered[metric]
+    elif mode == "reward_sum":
+        stat = sum((w[m] * delta[m] for m in names), zeros.clone())
+        prob = 0.5 + _centered_prob(stat)
+    elif mode == "normalized_sum":
+        if state is not None:
+            state.update(delta)
+            sigma = {m: state.sigma(m) for m in names}
+        else:
+            sigma = {}
+            for m in names:
+                finite = delta[m][torch.isfinite(delta[m])]
+                sigma[m] = float(finite.pow(2).mean().sqrt()) if finite.numel() else float("nan")
+        sigma = {m: max(s, 1e-12) if math.isfinite(s) else 1.0 for m, s in sigma.items()}
+        stat = sum((w[m] * delta[m] / sigma[m] for m in names), zeros.clone())
+        prob = 0.5 + _centered_prob(stat)
+    else:  # random_metric
+        if metric_weight <= 0:
+            raise ValueError("random_metric needs at least one metric with a positive weight.")
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        stat, prob = zeros.clone(), zeros + 0.5
+        if batch:
+            choice = torch.multinomial(
+                torch.tensor([w[m] for m in names], dtype=torch.float64), batch, replacement=True, generator=generator
+            )
+            stacked_votes = torch.stack([votes[m] for m in names])
+            stacked_centered = torch.stack([centered[m] for m in names])
+            rows = torch.arange(batch)
+            stat = stacked_votes[choice, rows]
+            prob = 0.5 + stacked_centered[choice, rows]
+
+    decision = _sign(stat)
+    prob = prob.clone()
+    if mode != "human":
+        tie = decision == 0
+        if tie_policy == "mean_prob":
+            fallback = _sign(mean_centered)
+            resolved = tie & (fallback != 0)
+            prob = torch.where(resolved, 0.5 + mean_centered, prob)
+        elif tie_policy == "human":
+            fallback = _sign(human - 0.5)
+            resolved = tie & (fallback != 0)
+            prob = torch.where(resolved, (fallback > 0).to(torch.float64), prob)
+        else:
+            fallback = zeros
+        decision = torch.where(tie, fallback, decision)
+    keep = decision != 0
+
+    agree = sum((voter_weights[v] * ((votes[v] == decision) & (votes[v] != 0)) for v in votes), zeros.clone())
+    larger = torch.maximum(pos, neg)
+    agreement = torch.where(decision != 0, agree, larger) / total.clamp_min(1e-300)
+    agreement = torch.where(total > 0, agreement, 0.0)
+    if min_agreement > 0:
+        keep = keep & (agreement >= min_agreement - 1e-9)
+
+    label = torch.where(decision > 0, 1.0, torch.where(decision < 0, 0.0, 0.5))
+    return ConsensusResult(
+        label=label.float(),
+        prob=prob.float(),
+        agreement=agreement.float(),
+        keep=keep,
+        votes={v: votes[v].to(torch.int8) for v in votes},
+        probs=probs,
+        mode=mode,
+    )
+
+
+class ConsensusLabeler:
+    """What a trainer holds: the consensus configuration, the running state of `normalized_sum` and the random
+    generator of `random_metric`. `state_dict()` / `load_state_dict()` make a resumed run label identically."""
+
+    def __init__(
+        self,
+        mode: str = "majority",
+        temperatures: Optional[Dict[str, float]] = None,
+        weights: Optional[Dict[str, float]] = None,
+        abstain_margin: float = 0.0,
+        tie_policy: str = "mean_prob",
+        min_agreement: float = 0.0,
+        human_vote: bool = False,
+        seed: int = 0,
+        normalize_warmup_pairs: int = 2048,
+    ):
+        _check_mode(mode, tie_policy, abstain_margin, min_agreement)
+        self.mode = mode
+        self.temperatures = dict(temperatures or {})
+        self.weights = dict(weights or {})
+        self.abstain_margin = float(abstain_margin)
+        self.tie_policy = tie_policy
+        self.min_agreement = float(min_agreement)
+        self.human_vote = bool(human_vote)
+        self.seed = int(seed)
+        self.normalized_state = NormalizedSumState(normalize_warmup_pairs)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, scores_0, scores_1, human_label=None) -> ConsensusResult:
+        return consensus(
+            scores_0,
+            scores_1,
+            mode=self.mode,
+            temperatures=self.temperatures,
+            weights=self.weights,
+            human_label=human_label,
+            human_vote=self.human_vote,
+            abstain_margin=self.abstain_margin,
+            tie_policy=self.tie_policy,
+            min_agreement=self.min_agreement,
+            state=self.normalized_state,
+            generator=self.generator,
+        )
+
+    def config(self) -> dict:
+        return {
+            "mode": self.mode,
+            "temperatures": dict(self.temperatures),
+            "weights": dict(self.weights),
+            "abstain_margin": self.abstain_margin,
+            "tie_policy": self.tie_policy,
+            "min_agreement": self.min_agreement,
+            "human_vote": self.human_vote,
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "config": self.config(),
+            "normalized_sum": self.normalized_state.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict):
+        self.normalized_state.load_state_dict(state["normalized_sum"])
+        self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Temperature calibration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sigmoid_np(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _nll(deltas: np.ndarray, targets: np.ndarray, temperature: float) -> float:
+    z = deltas / temperature
+    # softplus(z) - y z: the Bradley-Terry negative log-likelihood with (soft) targets y.
+    return float(np.mean(np.logaddexp(0.0, z) - targets * z)) if len(z) else float("nan")
+
+
+def fit_temperature(deltas, targets, max_iter: int = 200) -> Optional[float]:
+    """Maximum-likelihood temperature of `p = sigmoid(delta / tau)` for targets in [0, 1] (ties as 0.5; NaN
+    skipped). Returns None when the metric is not positively informative (the likelihood is best at tau = inf)."""
+    deltas = np.asarray(deltas, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    mask = np.isfinite(deltas) & np.isfinite(targets)
+    deltas, targets = deltas[mask], targets[mask]
+    if not len(deltas) or not np.any(deltas != 0):
+        return None
+
+    def gradient(beta):  # d NLL / d beta, beta = 1 / tau; the NLL is convex in beta
+        return float(np.sum(deltas * (_sigmoid_np(beta * deltas) - targets)))
+
+    if gradient(0.0) >= 0:
+        return None
+    scale = float(np.median(np.abs(deltas[deltas != 0])))
+    low, high = 0.0, 1.0 / scale
+    while gradient(high) < 0:
+        low, high = high, high * 2.0
+        if high > 1e8 / scale:  # perfectly separated: the likelihood keeps improving as tau -> 0
+            return 1.0 / high
+    for _ in range(max_iter):
+        middle = 0.5 * (low + high)
+        if gradient(middle) < 0:
+            low = middle
+        else:
+            high = middle
+        if high - low <= 1e-12 * high:
+            break
+    return 1.0 / (0.5 * (low + high))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_scorer_args(parser):
+    parser.add_argument(
+        "--reward_models",
+        "--metrics",
+        dest="reward_models",
+        type=str,
+        default=",".join(DEFAULT_REWARD_MODELS),
+        help=f"Comma-separated metrics (registered names or package.module:Class). Available: {available_scorers()}.",
+    )
+    parser.add_argument(
+        "--reward_config",
+        type=str,
+        default=None,
+        help="JSON file mapping each metric to its build_scorer options (paths, temperature, weight, ...).",
+    )
+    parser.add_argument("--device", type=str, default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument(
+        "--dtype", type=str, default=None, help="Scorer weight dtype: float32 (default), bfloat16, float16."
+    )
+
+
+def _add_consensus_args(parser):
+    parser.add_argument("--consensus", type=str, default="majority", help=f"Consensus mode: {CONSENSUS_MODES}.")
+    parser.add_argument("--abstain_margin", type=float, default=0.0, help="A metric abstains when |p - 0.5| <= this.")
+    parser.add_argument("--tie_policy", type=str, default="mean_prob", choices=TIE_POLICIES)
+    parser.add_argument("--min_agreement", type=float, default=0.0, help="Drop pairs whose agreement is below this.")
+    parser.add_argument("--human_vote", action="store_true", help="Count the human label as one more voter.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random_metric draws.")
+    parser.add_argument(
+        "--normalize_warmup_pairs", type=int, default=2048, help="Pairs used to estimate sigma for normalized_sum."
+    )
+
+
+def _add_dataset_args(parser):
+    parser.add_argument("--dataset_name", type=str, required=True, help="Hub dataset id or local path.")
+    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--split", type=str, default="train")
+    parser.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it.")
+    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument("--caption_column", type=str, default="caption")
+    parser.add_argument("--image_0_column", type=str, default="jpg_0")
+    parser.add_argument("--image_1_column", type=str, default="jpg_1")
+    parser.add_argument("--label_0_column", type=str, default="label_0", help="Human label column (may be absent).")
+    parser.add_argument("--max_samples", type=int, default=None, help="Process at most this many pairs.")
+    parser.add_argument("--batch_size", type=int, default=16, help="Pairs scored per step.")
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="Score images with several reward models and build consensus preference labels."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    score = subparsers.add_parser("score", help="Score images against a prompt; pairs consecutive images.")
+    score.add_argument("--images", nargs="+", required=True, help="Image files; (1st, 2nd), (3rd, 4th) ... are pairs.")
+    score.add_argument("--prompt", type=str, required=True)
+    score.add_argument("--json", action="store_true", help="Print one JSON object instead of tables.")
+    _add_scorer_args(score)
+    _add_consensus_args(score)
+
+    label = subparsers.add_parser("label", help="Add per-metric scores and consensus labels to a preference dataset.")
+    _add_dataset_args(label)
+    _add_scorer_args(label)
+    _add_consensus_args(label)
+    label.add_argument("--output_dir", type=str, required=True, help="Parquet shards go to <output_dir>/data/.")
+    label.add_argument("--rows_per_shard", type=int, default=1000)
+
+    calibrate = subparsers.add_parser("calibrate", help="Fit each metric's temperature to the human labels.")
+    _add_dataset_args(calibrate)
+    _add_scorer_args(calibrate)
+    _add_consensus_args(calibrate)
+    calibrate.add_argument("--output", type=str, required=True, help="Where to write the reward-config JSON.")
+    calibrate.add_argument(
+        "--rescore",
+        action="store_true",
+        help="Score the images even when the dataset already has score_<metric>_0/1 columns (from `label`).",
+    )
+
+    args = parser.parse_args(input_args)
+    # Check the consensus options before any model is loaded.
+    try:
+        _check_mode(args.consensus, args.tie_policy, args.abstain_margin, args.min_agreement)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.consensus.startswith("single:") and args.consensus[len("single:") :] not in _parse_names(
+        args.reward_models
+    ):
+        parser.error(f"--consensus {args.consensus}: the metric is not in --reward_models {args.reward_models}.")
+    return args
+
+
+def _default_device(device):
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _labeler_from_args(args, temperatures, weights) -> ConsensusLabeler:
+    return ConsensusLabeler(
+        mode=args.consensus,
+        temperatures=temperatures,
+        weights=weights,
+        abstain_margin=args.abstain_margin,
+        tie_policy=args.tie_policy,
+        min_agreement=args.min_agreement,
+        human_vote=args.human_vote,
+        seed=args.seed,
+        normalize_warmup_pairs=args.normalize_warmup_pairs,
+    )
+
+
+def _format_row(cells, widths):
+    return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def _print_table(header, rows):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    print(_format_row(header, widths))
+    for row in rows:
+        print(_format_row(row, widths))
+
+
+def cmd_score(args):
+    images = []
+    for path in args.images:
+        try:
+            images.append(load_image(path))
+        except (ValueError, FileNotFoundError, OSError) as error:
+            raise SystemExit(f"error: cannot read image '{path}': {error}")
+    scorers = build_scorers(
+        args.reward_models, args.reward_config, device=_default_device(args.device), dtype=args.dtype
+    )
+    scores = scorers.score(images, [args.prompt] * len(images))
+    labeler = _labeler_from_args(args, scorers.temperatures, scorers.weights)
+    pairs = []
+    for i in range(0, len(images) - 1, 2):
+        s0 = {m: v[i : i + 1] for m, v in scores.items()}
+        s1 = {m: v[i + 1 : i + 2] for m, v in scores.items()}
+        result = labeler(s0, s1)
+        pairs.append(
+            {
+                "image_0": args.images[i],
+                "image_1": args.images[i + 1],
+                "probs": {m: float(p[0]) for m, p in result.probs.items()},
+                "votes": {m: int(v[0]) for m, v in result.votes.items()},
+                "label": float(result.label[0]),
+                "prob": float(result.prob[0]),
+                "agreement": float(result.agreement[0]),
+                "keep": bool(result.keep[0]),
+            }
+        )
+    output = {
+        "prompt": args.prompt,
+        "images": list(args.images),
+        "scores": {m: [float(s) for s in v] for m, v in scores.items()},
+        "temperatures": scorers.temperatures,
+        "consensus": args.consensus,
+        "pairs": pairs,
+    }
+    if args.json:
+        print(json.dumps(output, indent=2))
+        return output
+    print(f"prompt: {args.prompt}")
+    _print_table(
+        ["image"] + scorers.names,
+        [[p] + [f"{scores[m][i]:.4f}" for m in scorers.names] for i, p in enumerate(args.images)],
+    )
+    for pair in pairs:
+        print(f"\npair: image 0 = {pair['image_0']}, image 1 = {pair['image_1']}")
+        _print_table(
+            ["metric", "tau", "p(image 0)", "vote"],
+            [
+                [m, f"{scorers.temperatures[m]:.4g}", f"{pair['probs'][m]:.4f}", f"{pair['votes'][m]:+d}"]
+                for m in scorers.names
+            ],
+        )
+        winner = {1.0: "image 0", 0.0: "image 1"}.get(pair["label"], "none (tie)")
+        print(
+            f"consensus ({args.consensus}): preferred {winner}, prob {pair['prob']:.4f}, agreement "
+            f"{pair['agreement']:.3f}, {'kept' if pair['keep'] else 'dropped'}"
+        )
+    if len(images) % 2:
+        print(f"\n(no pair for the last image {args.images[-1]}: give an even number of images to compare pairs)")
+    return output
+
+
+def _load_dataset(args):
+    import datasets
+
+    saved = ("dataset_info.json", "dataset_dict.json")
+    if os.path.isdir(args.dataset_name) and any(os.path.isfile(os.path.join(args.dataset_name, f)) for f in saved):
+        dataset = datasets.load_from_disk(args.dataset_name)  # a save_to_disk folder
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[args.split]
+        if args.streaming:
+            dataset = dataset.to_iterable_dataset()
+    else:
+        dataset = datasets.load_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            split=args.split,
+            streaming=args.streaming,
+            cache_dir=args.cache_dir,
+        )
+    features = dataset.features
+    columns = list(features) if features is not None else None
+    needed = [args.caption_column, args.image_0_column, args.image_1_column]
+    if columns is not None:
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise SystemExit(f"error: dataset has no column(s) {missing}; its columns are {columns}.")
+        for column in (args.image_0_column, args.image_1_column):
+            if isinstance(features[column], datasets.Image) and features[column].decode:
+                # Keep the encoded bytes: decoding happens here, with undecodable images skipped and counted.
+                dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def _iter_batches(dataset, batch_size, max_samples):
+    batch = []
+    for count, row in enumerate(dataset):
+        if max_samples is not None and count >= max_samples:
+            break
+        batch.append(row)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _decode_pairs(rows, args):
+    """Decodes both images of each row; returns (kept rows, images_0, images_1, number skipped)."""
+    kept, images_0, images_1, skipped = [], [], [], 0
+    for row in rows:
+        try:
+            image_0, image_1 = load_image(row[args.image_0_column]), load_image(row[args.image_1_column])
+        except (ValueError, FileNotFoundError, OSError, TypeError):
+            skipped += 1
+            continue
+        kept.append(row)
+        images_0.append(image_0)
+        images_1.append(image_1)
+    return kept, images_0, images_1, skipped
+
+
+def _human_labels(rows, column):
+    if not rows or column not in rows[0]:
+        return None
+    return torch.tensor([float("nan") if r[column] is None else float(r[column]) for r in rows], dtype=torch.float64)
+
+
+def _precomputed_columns(names):
+    return [f"score_{m}_{i}" for m in names for i in (0, 1)]
+
+
+class _ShardWriter:
+    """Writes rows to `<output_dir>/data/<split>-NNNNN-of-MMMMM.parquet` so `datasets.load_dataset(output_dir)` reads
+    them back as split `<split>`."""
+
+    def __init__(self, output_dir, split, rows_per_shard, features):
+        self.data_dir = os.path.join(output_dir, "data")
+        os.makedirs(self.data_dir, exist_ok=True)
+        for old in glob.glob(os.path.join(self.data_dir, f"{split}-*.parquet")):
+            os.remove(old)
+        self.split, self.rows_per_shard, self.features = split, rows_per_shard, features
+        self.rows, self.paths, self.num_rows = [], [], 0
+
+    def add(self, rows):
+        self.rows.extend(rows)
+        while len(self.rows) >= self.rows_per_shard:
+            self._flush(self.rows[: self.rows_per_shard])
+            self.rows = self.rows[self.rows_per_shard :]
+
+    def _flush(self, rows):
+        import datasets
+
+        path = os.path.join(self.data_dir, f"{self.split}-{len(self.paths):05d}.parquet.tmp")
+        datasets.Dataset.from_list(rows, features=self.features).to_parquet(path)
+        self.paths.append(path)
+        self.num_rows += len(rows)
+
+    def close(self):
+        if self.rows or not self.paths:
+            self._flush(self.rows)
+            self.rows = []
+        final = []
+        for i, path in enumerate(self.paths):
+            target = os.path.join(self.data_dir, f"{self.split}-{i:05d}-of-{len(self.paths):05d}.parquet")
+            os.replace(path, target)
+            final.append(target)
+        return final
+
+
+def _output_features(dataset, names):
+    import datasets
+
+    features = dataset.features
+    if features is None:
+        return None
+    features = datasets.Features(dict(features))
+    for column, feature in features.items():
+        if isinstance(feature, datasets.Image):
+            features[column] = datasets.Image()
+    for column in _precomputed_columns(names) + ["consensus_label", "consensus_prob", "agreement"]:
+        features[column] = datasets.Value("float32")
+    features["consensus_keep"] = datasets.Value("bool")
+    return features
+
+
+def cmd_label(args):
+    from tqdm.auto import tqdm
+
+    dataset = _load_dataset(args)
+    scorers = build_scorers(
+        args.reward_models, args.reward_config, device=_default_device(args.device), dtype=args.dtype
+    )
+    labeler = _labeler_from_args(args, scorers.temperatures, scorers.weights)
+    writer = _ShardWriter(args.output_dir, args.split, args.rows_per_shard, _output_features(dataset, scorers.names))
+    total = None if args.streaming else len(dataset)
+    if args.max_samples is not None:
+        total = min(total, args.max_samples) if total is not None else args.max_samples
+    counts = {"rows": 0, "skipped_undecodable": 0, "kept": 0, "agree_with_human": 0, "human_decisive": 0}
+    agreement_sum = 0.0
+    progress = tqdm(total=total, unit="pair", desc="labeling")
+    for rows in _iter_batches(dataset, args.batch_size, args.max_samples):
+        progress.update(len(rows))
+        rows, images_0, images_1, skipped = _decode_pairs(rows, args)
+        counts["skipped_undecodable"] += skipped
+        if not rows:
+            continue
+        scores_0, scores_1 = scorers.score_pairs(images_0, images_1, [r[args.caption_column] for r in rows])
+        human = _human_labels(rows, args.label_0_column)
+        result = labeler(scores_0, scores_1, human)
+        out_rows = []
+        for i, row in enumerate(rows):
+            row = dict(row)
+            for m in scorers.names:
+                row[f"score_{m}_0"], row[f"score_{m}_1"] = float(scores_0[m][i]), float(scores_1[m][i])
+            keep = bool(result.keep[i])
+            # Dropped pairs carry NaN labels, so a reader that only looks at the label cannot train on them.
+            row["consensus_label"] = float(result.label[i]) if keep else float("nan")
+            row["consensus_prob"] = float(result.prob[i]) if keep else float("nan")
+            row["agreement"] = float(result.agreement[i])
+            row["consensus_keep"] = keep
+            out_rows.append(row)
+        writer.add(out_rows)
+        counts["rows"] += len(rows)
+        counts["kept"] += result.num_kept
+        agreement_sum += float(result.agreement.sum())
+        if human is not None:
+            decisive = result.keep & torch.isfinite(human) & (human != 0.5)
+            counts["human_decisive"] += int(decisive.sum())
+            counts["agree_with_human"] += int((decisive & ((result.label > 0.5) == (human > 0.5))).sum())
+    progress.close()
+    shards = writer.close()
+    summary = {
+        "dataset_name": args.dataset_name,
+        "split": args.split,
+        "reward_models": scorers.names,
+        "reward_config": load_reward_config(args.reward_config),
+        "temperatures": scorers.temperatures,
+        "weights": scorers.weights,
+        "consensus": labeler.config(),
+        "normalized_sum_state": labeler.normalized_state.state_dict(),
+        "counts": counts,
+        "shards": [os.path.relpath(s, args.output_dir) for s in shards],
+    }
+    with open(os.path.join(args.output_dir, f"labeling_{args.split}.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    rows = max(counts["rows"], 1)
+    print(f"wrote {counts['rows']} pairs to {len(shards)} parquet shard(s) under {writer.data_dir}")
+    print(f"skipped {counts['skipped_undecodable']} pair(s) with undecodable images")
+    print(
+        f"kept {counts['kept']} / {counts['rows']} pairs ({100.0 * counts['kept'] / rows:.1f}%), "
+        f"mean agreement {agreement_sum / rows:.3f}"
+    )
+    if counts["human_decisive"]:
+        print(
+            f"consensus agrees with the human label on {counts['agree_with_human']} / {counts['human_decisive']} "
+            "kept pairs with a decisive human label"
+        )
+    return summary
+
+
+def _accuracy(deltas: np.ndarray, human: np.ndarray) -> float:
+    """Share of decisive human pairs where the metric prefers the same image (metric ties count 1/2)."""
+    decisive = np.isfinite(human) & (human != 0.5) & np.isfinite(deltas)
+    if not decisive.any():
+        return float("nan")
+    agree = np.sign(deltas[decisive]) == np.sign(human[decisive] - 0.5)
+    ties = deltas[decisive] == 0
+    return float(np.mean(np.where(ties, 0.5, agree.astype(np.float64))))
+
+
+def _expected_accuracy(deltas, human, temperature):
+    decisive = np.isfinite(human) & (human != 0.5) & np.isfinite(deltas)
+    if not decisive.any():
+        return float("nan")
+    p = _sigmoid_np(deltas[decisive] / temperature)
+    return float(np.mean(np.where(human[decisive] > 0.5, p, 1.0 - p)))
+
+
+def _consensus_accuracy(args, scores_0, scores_1, human, temperatures, weights):
+    labeler = _labeler_from_args(args, temperatures, weights)
+    labeler.human_vote = False  # measure the metrics' consensus against the human label
+    result = labeler(scores_0, scores_1, human if args.tie_policy == "human" or args.consensus == "human" else None)
+    human = human.numpy()
+    decisive = result.keep.numpy() & np.isfinite(human) & (human != 0.5)
+    accuracy = (
+        float(np.mean((result.label.numpy()[decisive] > 0.5) == (human[decisive] > 0.5)))
+        if decisive.any()
+        else float("nan")
+    )
+    return accuracy, float(result.keep.float().mean()) if len(result.keep) else float("nan")
+
+
+def cmd_calibrate(args):
+    from tqdm.auto import tqdm
+
+    dataset = _load_dataset(args)
+    names = _parse_names(args.reward_models)
+    config = load_reward_config(args.reward_config)
+    columns = list(dataset.features) if dataset.features is not None else []
+    precomputed = not args.rescore and all(c in columns for c in _precomputed_columns(names))
+    if args.label_0_column not in columns and columns:
+        raise SystemExit(f"error: calibration needs human labels; no column '{args.label_0_column}' in {columns}.")
+    scorers = None
+    if precomputed:
+        print(f"using the precomputed score columns {_precomputed_columns(names)}")
+        temperatures = {
+            m: float(config.get(m, {}).get("temperature", DEFAULT_TEMPERATURES.get(m, 1.0))) for m in names
+        }
+        weights = {m: float(config.get(m, {}).get("weight", 1.0)) for m in names}
+    else:
+        scorers = build_scorers(names, config, device=_default_device(args.device), dtype=args.dtype)
+        temperatures, weights = scorers.temperatures, scorers.weights
+    all_0 = {m: [] for m in names}
+    all_1 = {m: [] for m in names}
+    human_all, skipped = [], 0
+    for rows in tqdm(_iter_batches(dataset, args.batch_size, args.max_samples), desc="calibrating", unit="batch"):
+        if precomputed:
+            scores_0 = {m: torch.tensor([float(r[f"score_{m}_0"]) for r in rows]) for m in names}
+            scores_1 = {m: torch.tensor([float(r[f"score_{m}_1"]) for r in rows]) for m in names}
+        else:
+            rows, images_0, images_1, bad = _decode_pairs(rows, args)
+            skipped += bad
+            if not rows:
+                continue
+            scores_0, scores_1 = scorers.score_pairs(images_0, images_1, [r[args.caption_column] for r in rows])
+        for m in names:
+            all_0[m].append(scores_0[m].double())
+            all_1[m].append(scores_1[m].double())
+        human_all.append(_human_labels(rows, args.label_0_column))
+    if not human_all:
+        raise SystemExit("error: no usable pairs to calibrate on.")
+    scores_0 = {m: torch.cat(v) for m, v in all_0.items()}
+    scores_1 = {m: torch.cat(v) for m, v in all_1.items()}
+    human = torch.cat(human_all)
+    human_np = human.numpy()
+    known = np.isfinite(human_np)
+
+    fitted, report = {}, []
+    for m in names:
+        deltas = (scores_0[m] - scores_1[m]).numpy()
+        tau = fit_temperature(deltas[known], human_np[known])
+        if tau is None:
+            print(
+                f"warning: '{m}' does not agree with the human labels better than chance; keeping tau={temperatures[m]:.4g}"
+            )
+            tau = temperatures[m]
+        fitted[m] = tau
+        report.append(
+            [
+                m,
+                f"{temperatures[m]:.4g}",
+                f"{tau:.4g}",
+                f"{_accuracy(deltas, human_np):.3f}",
+                f"{_expected_accuracy(deltas, human_np, temperatures[m]):.3f}",
+                f"{_expected_accuracy(deltas, human_np, tau):.3f}",
+                f"{_nll(deltas[known], human_np[known], temperatures[m]):.4f}",
+                f"{_nll(deltas[known], human_np[known], tau):.4f}",
+            ]
+        )
+    print(
+        f"\n{int(known.sum())} pairs with a human label ({int((known & (human_np == 0.5)).sum())} ties as 0.5 targets); "
+        f"{skipped} pair(s) skipped for undecodable images"
+    )
+    print("accuracy: share of decisive human pairs where the metric prefers the same image (a temperature does not")
+    print(
+        "change it); expected accuracy: mean probability given to the human choice; nll: mean negative log-likelihood"
+    )
+    _print_table(
+        [
+            "metric",
+            "tau before",
+            "tau after",
+            "accuracy",
+            "exp.acc before",
+            "exp.acc after",
+            "nll before",
+            "nll after",
+        ],
+        report,
+    )
+    before = _consensus_accuracy(args, scores_0, scores_1, human, temperatures, weights)
+    after = _consensus_accuracy(args, scores_0, scores_1, human, fitted, weights)
+    print(
+        f"consensus ({args.consensus}) accuracy vs human labels: before {before[0]:.3f} (kept {100 * before[1]:.1f}%), "
+        f"after {after[0]:.3f} (kept {100 * after[1]:.1f}%)"
+    )
+    for m in names:
+        config.setdefault(m, {})["temperature"] = fitted[m]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    print(f"wrote {args.output}")
+    return {"temperatures_before": temperatures, "temperatures": fitted, "config": config}
+
+
+def main(input_args=None):
+    args = parse_args(input_args)
+    if args.command == "score":
+        return cmd_score(args)
+    if args.command == "label":
+        return cmd_label(args)
+    return cmd_calibrate(args)
+
+
+if __name__ == "__main__":
+    main()
