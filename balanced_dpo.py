@@ -212,6 +212,29 @@ def load_adapter_state_dict(unet, state_dict, adapter_name=POLICY_ADAPTER):
         raise ValueError(f"LoRA checkpoint has keys the UNet does not: {unexpected[:5]}")
 
 
+REFERENCE_WEIGHTS_NAME = "reference_lora_weights.safetensors"
+
+
+def save_reference_adapter(unet, directory):
+    """Writes the reference adapter next to the policy LoRA, with the same `unet.`-prefixed diffusers keys."""
+    from safetensors.torch import save_file
+
+    state = adapter_state_dict(unet, REFERENCE_ADAPTER)
+    save_file({f"unet.{k}": v for k, v in state.items()}, os.path.join(directory, REFERENCE_WEIGHTS_NAME))
+
+
+def load_reference_adapter(unet, directory):
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, REFERENCE_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{directory} has no {REFERENCE_WEIGHTS_NAME}: it was saved with --ref_update_steps 0. Resume with the"
+            " same --ref_update_steps as the original run."
+        )
+    load_adapter_state_dict(unet, load_file(path), REFERENCE_ADAPTER)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Logging, once per optimizer step
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,7 +297,7 @@ class StepMetrics:
         if accelerator.num_processes > 1:
             values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
             timing = accelerator.reduce(timing.to(accelerator.device), reduction="sum").cpu()
-        logs = {name: (v / n).item() for name, (v, n) in zip(names, values.tolist()) if n > 0}
+        logs = {name: v / n for name, (v, n) in zip(names, values.tolist()) if n > 0}
         if timing[1] > 0:
             logs["scoring_time_share"] = (timing[0] / timing[1]).item()
         return logs
@@ -489,7 +512,9 @@ def _flatten(state, prefix=""):
     scalars, tensors = {}, {}
     for key, value in state.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not value:
+            scalars[name] = {}  # kept explicitly: an empty dict has no leaves to rebuild it from
+        elif isinstance(value, dict):
             sub_scalars, sub_tensors = _flatten(value, prefix=f"{name}/")
             scalars.update(sub_scalars)
             tensors.update(sub_tensors)
@@ -555,6 +580,27 @@ class TrainingProgress:
             setattr(self, key, int(value))
 
 
+def save_run_state(directory, progress, bad_examples, generator, labeler=None):
+    """Everything besides the adapters and the optimizer that a resumed run needs to continue identically."""
+    state = {
+        "progress": progress.state_dict(),
+        "bad_examples": bad_examples.state_dict(),
+        "generator": generator.get_state(),
+    }
+    if labeler is not None:
+        state["consensus"] = labeler.state_dict()
+    save_training_state(directory, state)
+
+
+def load_run_state(directory, progress, bad_examples, generator, labeler=None):
+    state = load_training_state(directory)
+    progress.load_state_dict(state["progress"])
+    bad_examples.load_state_dict(state.get("bad_examples", {}))
+    generator.set_state(state["generator"])
+    if labeler is not None and "consensus" in state:
+        labeler.load_state_dict(state["consensus"])
+
+
 def consensus_across_processes(accelerator, labeler, scores_0, scores_1, human_label):
     """Decides the consensus on the global batch so stateful modes (normalized_sum, random_metric) stay identical on
     every process, then returns this process's slice. Scores are tiny, so gathering them costs nothing."""
@@ -594,3 +640,131 @@ def slice_consensus(result, start, stop):
         else:
             fields[field.name] = value
     return type(result)(**fields)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training micro-step, shared by the SD and SDXL scripts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def training_generator(accelerator, seed):
+    """The generator for the training noise, timesteps and VAE samples of this process.
+
+    A dedicated generator (saved in every checkpoint) rather than the global RNG: DataLoader iterators, validation
+    and third-party code draw from the global RNG at times that differ between an interrupted and an uninterrupted
+    run, which would make a resumed run diverge.
+    """
+    generator = torch.Generator(device=accelerator.device)
+    generator.manual_seed((seed if seed is not None else torch.initial_seed()) + 1000003 * accelerator.process_index)
+    return generator
+
+
+def encode_latents(vae, pixel_values, batch_size, generator=None):
+    """VAE latents (sampled with `generator`, scaled), encoded in chunks of `batch_size` to bound memory."""
+    latents = [
+        vae.encode(pixel_values[i : i + batch_size]).latent_dist.sample(generator=generator)
+        for i in range(0, pixel_values.shape[0], batch_size)
+    ]
+    return torch.cat(latents) * vae.config.scaling_factor
+
+
+def consensus_for_batch(args, accelerator, batch, scorer_set, labeler, metrics):
+    """(label, prob, keep) for the local batch: from precomputed columns, or live scoring + the `rewards` consensus.
+
+    `label` is 1 where image 0 wins, `prob` the soft probability that image 0 is better, `keep` False for dropped
+    pairs. Scoring time is added to `metrics.scoring_seconds`.
+    """
+    import time
+
+    human = batch["label_0"].float().cpu() if args.label_0_column is not None else None
+    if args.precomputed_consensus:
+        label = batch["consensus_label"].float().cpu()
+        prob = batch["consensus_prob"].float().cpu()
+        keep = torch.isfinite(label) & torch.isfinite(prob)
+        metrics.add("dropped_share", (~keep).sum(), keep.numel())
+        return torch.nan_to_num(label, nan=0.5), torch.nan_to_num(prob, nan=0.5), keep
+
+    batch_size = batch["batch_size"]
+    scores_0 = {m: torch.empty(0) for m in args.scored_metrics}
+    scores_1 = {m: torch.empty(0) for m in args.scored_metrics}
+    if args.scored_metrics and batch_size > 0:
+        start = time.perf_counter()
+        # [B, 2, C, H, W] -> image 0 of every pair, then image 1: one batched forward per scorer.
+        inputs = {k: v.transpose(0, 1).reshape(-1, *v.shape[2:]) for k, v in batch["scorer_inputs"].items()}
+        scores = scorer_set.score(inputs, list(batch["captions"]) * 2)
+        scores_0 = {k: v[:batch_size] for k, v in scores.items()}
+        scores_1 = {k: v[batch_size:] for k, v in scores.items()}
+        metrics.scoring_seconds += time.perf_counter() - start
+    result = consensus_across_processes(accelerator, labeler, scores_0, scores_1, human)
+    metrics.add_consensus(result, human)
+    return result.label.float().cpu(), result.prob.float().cpu(), result.keep.bool().cpu()
+
+
+def kept_pairs(keep):
+    """Indices of the pairs to train on and their loss weights.
+
+    When this process has none left but others do, one pair is kept with weight 0 so that every process still
+    joins the gradient all-reduce (skipping the backward on one rank would hang DDP).
+    """
+    weights = keep.float()
+    if keep.sum() == 0:
+        keep = torch.zeros_like(keep)
+        keep[0] = True
+    index = keep.nonzero().squeeze(1)
+    return index, weights[index]
+
+
+def diffusion_dpo_loss(
+    args,
+    unet,
+    unwrapped_unet,
+    latents,
+    unet_kwargs,
+    noise_scheduler,
+    label,
+    prob,
+    weights,
+    dynamic_reference,
+    metrics,
+    timesteps=None,
+    generator=None,
+):
+    """The Diffusion-DPO micro-step on winner-first, loser-second `latents` ([2P, C, H, W]).
+
+    Both images of a pair get the same noise and timestep. `unet_kwargs` holds the (already doubled) conditioning:
+    `encoder_hidden_states` and, for SDXL, `added_cond_kwargs`. `timesteps` ([P]) may be given (SDXL-Turbo's grid);
+    otherwise they are uniform over the training schedule. `generator` (see `training_generator`) draws the noise
+    and timesteps. Returns the weighted mean loss.
+    """
+    device = latents.device
+    num_pairs = latents.shape[0] // 2
+    noise = torch.randn(
+        (num_pairs, *latents.shape[1:]), generator=generator, device=device, dtype=latents.dtype
+    ).repeat(2, 1, 1, 1)
+    if timesteps is None:
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (num_pairs,), generator=generator, device=device
+        )
+    timesteps = timesteps.long().to(device).repeat(2)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+
+    model_pred = unet(noisy_latents, timesteps, return_dict=False, **unet_kwargs)[0]
+    model_err_w, model_err_l = per_example_mse(model_pred, target).chunk(2)
+    with reference_model(unwrapped_unet, dynamic_reference):
+        ref_pred = unwrapped_unet(noisy_latents, timesteps, return_dict=False, **unet_kwargs)[0]
+        ref_err_w, ref_err_l = per_example_mse(ref_pred, target).chunk(2)
+
+    winner_prob = winner_probability(label, prob).to(device) if args.label_mode == "soft" else None
+    losses, h = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, args.beta_dpo, args.loss_type, winner_prob)
+    weights = weights.to(device)
+    loss = (losses * weights).sum() / weights.sum().clamp(min=1.0)
+    kept = weights > 0
+    if kept.any():
+        metrics.add_pairs(losses[kept], h[kept], (model_err_w - model_err_l)[kept], (ref_err_w - ref_err_l)[kept])
+    return loss

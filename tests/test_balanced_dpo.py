@@ -187,10 +187,11 @@ def test_checkpoint_listing_ignores_partial_folders(tmp_path):
 def test_training_state_round_trip(tmp_path):
     state = {
         "progress": {"global_step": 3, "epoch": 1},
-        "consensus": {"generator": torch.arange(5, dtype=torch.uint8), "n": 2.5},
+        "consensus": {"generator": torch.arange(5, dtype=torch.uint8), "n": 2.5, "counts": {}},
     }
     balanced_dpo.save_training_state(str(tmp_path), state)
     loaded = balanced_dpo.load_training_state(str(tmp_path))
     assert loaded["progress"] == {"global_step": 3, "epoch": 1}
     assert torch.equal(loaded["consensus"]["generator"], state["consensus"]["generator"])
     assert loaded["consensus"]["n"] == 2.5
+    assert loaded["consensus"]["counts"] == {}

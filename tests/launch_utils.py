@@ -1,0 +1,51 @@
+"""Helpers to run the training scripts the way users do (`accelerate launch`) and read what they wrote."""
+
+import glob
+import os
+import subprocess
+import sys
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(script, args, num_processes=1, timeout=600, env=None, check=True):
+    """Runs `accelerate launch <script> <args>` on the CPU and returns the CompletedProcess."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        os.path.join(REPO_ROOT, script),
+        *[str(a) for a in args],
+    ]
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    full_env.update(env or {})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO_ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{script} failed with exit code {result.returncode}\n--- stdout ---\n{result.stdout[-5000:]}"
+            f"\n--- stderr ---\n{result.stderr[-10000:]}"
+        )
+    return result
+
+
+def read_scalars(output_dir):
+    """All scalars logged to TensorBoard under `output_dir`: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for path in glob.glob(os.path.join(output_dir, "logs", "**", "events.out.tfevents.*"), recursive=True):
+        accumulator = EventAccumulator(path)
+        accumulator.Reload()
+        for tag in accumulator.Tags().get("scalars", []):
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return scalars
