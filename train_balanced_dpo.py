@@ -292,7 +292,7 @@ def parse_args(input_args=None):
         help="Keep scorers on the CPU and move each to the GPU only while it scores.",
     )
     group.add_argument(
-        "--normalize_warmup_pairs", type=int, default=256, help="Pairs used to estimate the scales of normalized_sum."
+        "--normalize_warmup_pairs", type=int, default=2048, help="Pairs used to estimate the scales of normalized_sum."
     )
     # Loss and reference
     group = parser.add_argument_group("loss and reference model")
