@@ -700,18 +700,23 @@ def consensus_for_batch(args, accelerator, batch, scorer_set, labeler, metrics):
     return result.label.float().cpu(), result.prob.float().cpu(), result.keep.bool().cpu()
 
 
-def kept_pairs(keep):
-    """Indices of the pairs to train on and their loss weights.
+def no_pairs_on_some_process(accelerator, keep):
+    """True when this micro-batch must be skipped: some process has no pair left to train on.
 
-    When this process has none left but others do, one pair is kept with weight 0 so that every process still
-    joins the gradient all-reduce (skipping the backward on one rank would hang DDP).
+    Every process must take the same decision (a process that skipped the backward alone would hang the DDP
+    all-reduce), so a micro-batch is skipped everywhere as soon as one process has no kept pair. That is rare
+    (every pair of a local batch dropped or unreadable) and only costs that micro-batch.
     """
-    weights = keep.float()
-    if keep.sum() == 0:
-        keep = torch.zeros_like(keep)
-        keep[0] = True
+    kept = torch.tensor([float(keep.sum())], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        kept = accelerator.gather(kept)
+    return kept.min().item() == 0
+
+
+def kept_pairs(keep):
+    """Indices of the pairs to train on (the consensus kept them) and their loss weights."""
     index = keep.nonzero().squeeze(1)
-    return index, weights[index]
+    return index, torch.ones(index.numel())
 
 
 def diffusion_dpo_loss(

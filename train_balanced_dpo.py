@@ -462,7 +462,9 @@ def main(args):
         weight_dtype = torch.bfloat16
 
     # Models
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    noise_scheduler = DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
+    )
     tokenizer = AutoTokenizer.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, use_fast=False
     )
@@ -493,6 +495,8 @@ def main(args):
         # Only the trainable LoRA parameters are upcast; the reference adapter may stay in the weight dtype.
         cast_training_params(unet, dtype=torch.float32)
     params_to_optimize = balanced_dpo.freeze_all_but_policy(unet)
+    # Saved with the LoRA so that `load_lora_weights` applies lora_alpha / rank, not 1.
+    lora_metadata = unet.peft_config[balanced_dpo.POLICY_ADAPTER].to_dict()
 
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
@@ -541,6 +545,7 @@ def main(args):
                 StableDiffusionPipeline.save_lora_weights(
                     output_dir,
                     unet_lora_layers=balanced_dpo.adapter_state_dict(unwrapped, balanced_dpo.POLICY_ADAPTER),
+                    unet_lora_adapter_metadata=lora_metadata,
                 )
                 if dynamic_reference:
                     balanced_dpo.save_reference_adapter(unwrapped, output_dir)
@@ -703,13 +708,9 @@ def main(args):
             label, prob, keep = balanced_dpo.consensus_for_batch(
                 args, accelerator, batch, scorer_set, labeler, metrics
             )
-            local_kept = int(keep.sum())
-            global_kept = local_kept
-            if accelerator.num_processes > 1:
-                global_kept = int(accelerator.reduce(torch.tensor(local_kept, device=accelerator.device), "sum"))
-            if global_kept == 0:
+            if balanced_dpo.no_pairs_on_some_process(accelerator, keep):
                 progress.skipped_batches += 1
-                continue  # nothing to learn from on any process: skip without touching the optimizer
+                continue  # skipped on every process alike, without touching the optimizer
 
             with accelerator.accumulate(unet):
                 loss = dpo_step(
@@ -813,7 +814,9 @@ def main(args):
         bad_keys = [k for k, v in lora_state.items() if not torch.isfinite(v).all()]
         if bad_keys:
             raise RuntimeError(f"The trained LoRA has non-finite values ({bad_keys[:3]}...); it was not written.")
-        StableDiffusionPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_state)
+        StableDiffusionPipeline.save_lora_weights(
+            args.output_dir, unet_lora_layers=lora_state, unet_lora_adapter_metadata=lora_metadata
+        )
         lora_path = os.path.join(args.output_dir, "pytorch_lora_weights.safetensors")
         logger.info(f"LoRA weights saved to {lora_path}")
 

@@ -28,14 +28,14 @@ def base_args(assets, output_dir, *extra):
     ]  # fmt: skip
 
 
-def run_pipeline(model_dir, lora_dir=None):
+def run_pipeline(model_dir, lora_dir=None, return_pipe=False):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir)
     generator = torch.Generator().manual_seed(0)
-    return pipe(
+    images = pipe(
         "a red circle on a white background",
         num_inference_steps=1,
         height=32,
@@ -43,6 +43,7 @@ def run_pipeline(model_dir, lora_dir=None):
         generator=generator,
         output_type="np",
     ).images
+    return (pipe, images) if return_pipe else images
 
 
 def assert_lora_keys_match_unet(lora_path, model_dir):
@@ -75,15 +76,20 @@ def test_smoke_live_consensus_lora_loads_and_changes_output(tiny_assets_dir, tmp
             "--validation_prompts", "a blue square on a black background",
             "--validation_inference_steps", "1",
             "--score_validation",
+            "--rank", "4",
+            "--lora_alpha", "8",
         ),
     )  # fmt: skip
     lora_path = os.path.join(output_dir, "pytorch_lora_weights.safetensors")
     assert_lora_keys_match_unet(lora_path, tiny_assets_dir["sd"])
 
     base = run_pipeline(tiny_assets_dir["sd"])
-    tuned = run_pipeline(tiny_assets_dir["sd"], output_dir)
+    pipe, tuned = run_pipeline(tiny_assets_dir["sd"], output_dir, return_pipe=True)
     assert base.shape == tuned.shape
     assert abs(base - tuned).max() > 1e-4, "loading the LoRA did not change the pipeline output"
+    # lora_alpha travels with the weights: the loaded LoRA has the trained scale alpha / r = 2.
+    scalings = [s for m in pipe.unet.modules() for s in getattr(m, "scaling", {}).values()]
+    assert scalings and all(s == pytest.approx(2.0) for s in scalings)
 
     card = open(os.path.join(output_dir, "README.md")).read()
     for tag in ("diffusers", "lora", "text-to-image", "dpo", "balanced-dpo"):
