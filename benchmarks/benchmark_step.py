@@ -1,0 +1,1463 @@
+#!/usr/bin/env python
+# Copyright 2026 The BalancedDPO authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Step time, throughput and memory of BalancedDPO training against the Diffusion-DPO baseline.
+
+In one process and on the same models, times the training step of `train_balanced_dpo.py` (SD 1.x) or
+`train_balanced_dpo_sdxl.py` (SDXL) in three modes:
+
+- `human`: Diffusion-DPO with the human label (`--consensus human`): VAE encode of both images, text encode, policy
+  forward and backward, reference forward with the adapters disabled, optimizer step, as in diffusers' example.
+- `live`: BalancedDPO with the consensus of pickscore, hpsv2, clip and aesthetic scored on every batch.
+- `precomputed`: BalancedDPO with consensus labels read from dataset columns (`--precomputed_consensus`).
+
+For each mode, pairs per step and gradient checkpointing setting it reports the median step time, pairs per second,
+peak memory, the share of the step spent scoring, a breakdown of the step, and ratios against `human`. The step is
+the training scripts' own code (`balanced_dpo.consensus_for_batch`, the scripts' `dpo_step`, the same backward,
+clipping and optimizer calls); batches come from the real data pipeline (`preference_data.PreferencePairs` and
+`PairCollator`, including the scorers' 224 px preprocessing), prepared before timing as DataLoader workers would.
+
+    # CPU, tiny random models (seconds)
+    python benchmarks/benchmark_step.py --model tiny --json tiny.json
+    # GPU, full-size SD1.5 / SDXL and CLIP-H/14, CLIP-L/14 scorers with random weights (no Hub needed)
+    python benchmarks/benchmark_step.py --model sd15 sdxl --json gpu.json
+
+The full-size models are built from their published configs (below) with random weights: that measures speed and
+memory faithfully and says nothing about image quality.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import inspect
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, Optional
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+# Everything is built locally; never wait for the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import balanced_dpo  # noqa: E402
+import preference_data  # noqa: E402
+import rewards  # noqa: E402
+import tiny_assets  # noqa: E402
+
+
+MODES = ("human", "live", "precomputed")
+LIVE_METRICS = ("pickscore", "hpsv2", "clip", "aesthetic")
+PHASES = (
+    "vae_encode",
+    "text_encode",
+    "consensus",
+    "unet_forward",
+    "reference_forward",
+    "unet_backward",
+    "optimizer",
+)
+GIB = 2**30
+
+# ----------------------------------------------------------------------------------------------------------------
+# Published configs (random weights are drawn from them; no download)
+# ----------------------------------------------------------------------------------------------------------------
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5: unet/config.json (859.5 M parameters)
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+# stable-diffusion-v1-5: vae/config.json (83.7 M parameters)
+SD15_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+# The text tower of openai/clip-vit-large-patch14: SD1.5's text encoder and SDXL's first one (123.1 M parameters).
+CLIP_L_TEXT_CONFIG = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+# The training noise schedule of SD1.5 and SDXL base (the keys of their scheduler configs that DDPMScheduler reads).
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json (2567.5 M parameters)
+SDXL_UNET_CONFIG = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 2048,
+    "attention_head_dim": (5, 10, 20),
+    "transformer_layers_per_block": (1, 2, 10),
+    "use_linear_projection": True,
+    "upcast_attention": False,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+# stable-diffusion-xl-base-1.0: vae/config.json (the same architecture as madebyollin/sdxl-vae-fp16-fix)
+SDXL_VAE_CONFIG = dict(SD15_VAE_CONFIG, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+# stable-diffusion-xl-base-1.0: text_encoder_2/config.json, OpenCLIP ViT-bigG/14's text tower (694.7 M parameters)
+SDXL_TEXT_ENCODER_2_CONFIG = dict(
+    CLIP_L_TEXT_CONFIG,
+    hidden_size=1280,
+    intermediate_size=5120,
+    projection_dim=1280,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+)
+# laion/CLIP-ViT-H-14-laion2B-s32B-b79K = yuvalkirstain/PickScore_v1's architecture (986.1 M parameters)
+CLIP_VIT_H_14_CONFIG = {
+    "text_config": dict(
+        CLIP_L_TEXT_CONFIG,
+        hidden_size=1024,
+        intermediate_size=4096,
+        projection_dim=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        hidden_act="gelu",
+    ),
+    "vision_config": {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "projection_dim": 1024,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+    },
+    "projection_dim": 1024,
+    "logit_scale_init_value": 2.6592,
+}
+# openai/clip-vit-large-patch14 (427.6 M parameters): the clip scorer and the aesthetic predictor's backbone
+CLIP_VIT_L_14_CONFIG = {
+    "text_config": dict(CLIP_L_TEXT_CONFIG),
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "projection_dim": 768,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+    },
+    "projection_dim": 768,
+    "logit_scale_init_value": 2.6592,
+}
+# HPS v2 is open_clip's built-in "ViT-H-14" architecture; the LAION aesthetic predictor v2 an MLP at these
+# nn.Sequential indices (the gaps are dropout layers).
+HPSV2_OPEN_CLIP_ARCH = "ViT-H-14"
+AESTHETIC_HEAD_DIMS = (768, 1024, 128, 64, 16, 1)
+AESTHETIC_HEAD_INDICES = (0, 2, 4, 6, 7)
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    sdxl: bool
+    resolution: int
+    warmup_steps: int
+    steps: int
+    full_size: bool
+    label: str
+
+
+MODEL_SPECS = {
+    # The tiny assets of the test suite: the CPU smoke run.
+    "tiny": ModelSpec(sdxl=False, resolution=32, warmup_steps=1, steps=3, full_size=False, label="tiny SD"),
+    "tiny-sdxl": ModelSpec(sdxl=True, resolution=32, warmup_steps=1, steps=3, full_size=False, label="tiny SDXL"),
+    "sd15": ModelSpec(sdxl=False, resolution=512, warmup_steps=2, steps=6, full_size=True, label="SD1.5"),
+    "sdxl": ModelSpec(sdxl=True, resolution=1024, warmup_steps=1, steps=3, full_size=True, label="SDXL"),
+}
+# (model, resolution, pairs, gradient checkpointing, memory limit in GiB): the targets of the README.
+MEMORY_TARGETS = (
+    ("sd15", 512, 8, True, 16.0),
+    ("sdxl", 1024, 1, None, 24.0),  # None: with or without checkpointing, whichever was measured (on first)
+)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="Step time, throughput and memory of BalancedDPO (live / precomputed consensus) against "
+        "Diffusion-DPO (human labels), on the same models in one process.",
+    )
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=["tiny"],
+        choices=sorted(MODEL_SPECS),
+        help="tiny / tiny-sdxl: the tiny test assets (CPU); sd15 / sdxl: full-size architectures, random weights.",
+    )
+    parser.add_argument("--pairs", type=int, nargs="+", default=[1, 4, 8], help="Pairs per training step.")
+    parser.add_argument("--gradient_checkpointing", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument(
+        "--warmup_steps", type=int, default=None, help="Untimed steps per configuration (default: per model)."
+    )
+    parser.add_argument("--steps", type=int, default=None, help="Timed steps per configuration (default: per model).")
+    parser.add_argument("--json", type=str, default=None, help="Write the results here (rewritten after each run).")
+    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available).")
+    parser.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="As the training scripts' flag: weights in this dtype, LoRA in fp32 (default: bf16 on GPU, no on CPU).",
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="Override the model's resolution (e.g. a cheap CPU check)."
+    )
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank.")
+    parser.add_argument(
+        "--no_8bit_adam", action="store_true", help="torch AdamW instead of bitsandbytes' AdamW8bit (the default)."
+    )
+    parser.add_argument(
+        "--sdxl_vae",
+        choices=["fp16-fix", "stock"],
+        default="fp16-fix",
+        help="fp16-fix: the VAE runs in the weight dtype, as with --pretrained_vae_model_name_or_path "
+        "madebyollin/sdxl-vae-fp16-fix (the recommended setting); stock: in fp32, the script's default.",
+    )
+    parser.add_argument("--offload_scorers", action="store_true", help="As the training flag of the same name.")
+    parser.add_argument("--allow_tf32", action="store_true", help="As the training flag of the same name.")
+    parser.add_argument(
+        "--time_budget_s",
+        type=float,
+        default=None,
+        help="Start no new configuration after this many seconds; the rest are reported as skipped.",
+    )
+    parser.add_argument(
+        "--num_threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's; 1 is steadiest on busy CPUs).",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(input_args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing and memory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Accumulates the time of named phases of a step.
+
+    On CUDA, phases are bracketed with CUDA events (no synchronization inside the step: the timed step is the real
+    one); on the CPU with `perf_counter`. `collect()` must follow a synchronization.
+    """
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.enabled = False
+        self.reset()
+
+    def reset(self):
+        self.spans = {}
+        self.seconds = {}
+        self._open = {}
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self, name):
+        if self.enabled:
+            self._open.setdefault(name, []).append(self._mark())
+
+    def stop(self, name):
+        if self.enabled and self._open.get(name):
+            self.spans.setdefault(name, []).append((self._open[name].pop(), self._mark()))
+
+    def add_seconds(self, name, seconds):
+        if self.enabled:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop(name)
+
+    def collect(self) -> Dict[str, float]:
+        """Seconds per phase since the last call (completed spans only)."""
+        out = dict(self.seconds)
+        for name, spans in self.spans.items():
+            if self.cuda:
+                total = sum(start.elapsed_time(end) for start, end in spans) / 1000.0
+            else:
+                total = sum(end - start for start, end in spans)
+            out[name] = out.get(name, 0.0) + total
+        self.reset()
+        return out
+
+
+class Instrumentation:
+    """Hooks that time the VAE encode, the text encoders and the policy / reference UNet forwards.
+
+    The UNet call made with gradients enabled is the policy forward; the one without (inside
+    `balanced_dpo.reference_model`) the reference forward.
+    """
+
+    def __init__(self, timer, vae, text_encoders, unet):
+        self.timer = timer
+        self.handles = []
+        self.vae = vae
+        self._unet_stack = []
+        original_encode = vae.encode
+
+        def timed_encode(*args, **kwargs):
+            with timer.phase("vae_encode"):
+                return original_encode(*args, **kwargs)
+
+        vae.encode = timed_encode  # an instance attribute shadowing the method; removed in `remove()`
+        for encoder in text_encoders:
+            self.handles.append(encoder.register_forward_pre_hook(lambda module, args: timer.start("text_encode")))
+            self.handles.append(encoder.register_forward_hook(lambda module, args, out: timer.stop("text_encode")))
+
+        def unet_pre(module, args):
+            name = "unet_forward" if torch.is_grad_enabled() else "reference_forward"
+            self._unet_stack.append(name)
+            timer.start(name)
+
+        def unet_post(module, args, output):
+            if self._unet_stack:
+                timer.stop(self._unet_stack.pop())
+
+        self.handles.append(unet.register_forward_pre_hook(unet_pre))
+        self.handles.append(unet.register_forward_hook(unet_post))
+
+    def reset(self):
+        self._unet_stack.clear()
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        if "encode" in self.vae.__dict__:
+            del self.vae.encode
+
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+class MemoryMeter:
+    """Peak memory of one configuration: `torch.cuda.max_memory_allocated` on CUDA; on the CPU the growth of the
+    peak resident set size over the resident size at the start (Linux: the peak is reset through
+    /proc/self/clear_refs), or None where that is unavailable."""
+
+    def __init__(self, device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_delta"
+        self._start_kib = None
+
+    def reset(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current VmRSS
+            self._start_kib = _proc_status_kib("VmRSS")
+        except OSError:
+            self._start_kib = None
+
+    def peak_gib(self) -> Optional[float]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / GIB
+        if self._start_kib is None:
+            return None
+        return max(0, _proc_status_kib("VmHWM") - self._start_kib) / 2**20
+
+    def reserved_gib(self) -> Optional[float]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_reserved(self.device) / GIB
+        return None
+
+
+def free_memory(device, collect=True):
+    """Releases cached device memory; `collect` also runs the garbage collector (about 0.3 s with these libraries
+    loaded, so once per configuration)."""
+    if collect:
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(error) -> bool:
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def call_with(fn, **available):
+    """Calls `fn` with the keyword arguments it declares, taken from `available` (robust to argument order)."""
+    params = inspect.signature(fn).parameters
+    missing = [
+        name
+        for name, p in params.items()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in available
+    ]
+    if missing:
+        raise TypeError(f"{getattr(fn, '__qualname__', fn)} needs {missing}, which the benchmark does not provide.")
+    return fn(**{name: value for name, value in available.items() if name in params})
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """The training components of one model, set up as the training script sets them up."""
+
+    name: str
+    spec: ModelSpec
+    resolution: int
+    script: object
+    accelerator: object
+    unet: object  # as prepared by accelerate (autocast wrapper under mixed precision)
+    unwrapped_unet: object
+    vae: object
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: object
+    weight_dtype: torch.dtype
+    params_to_optimize: list
+    scorer_set: object = None
+    reward_config: Optional[str] = None
+    generator: object = None
+    prompt_encoder: object = None
+    scorers_on_device: bool = True
+
+
+def training_args(script, spec, resolution, mode, pairs, gradient_checkpointing, options, reward_config=None):
+    """The training script's own argument namespace for one configuration (its defaults for everything else)."""
+    argv = [
+        "--pretrained_model_name_or_path", "benchmark",
+        "--dataset_name", "benchmark",
+        "--resolution", str(resolution),
+        "--train_batch_size", str(pairs),
+        "--rank", str(options.rank),
+        "--mixed_precision", options.mixed_precision,
+        "--report_to", "none",
+        "--seed", str(options.seed),
+    ]  # fmt: skip
+    if not options.no_8bit_adam:
+        argv.append("--use_8bit_adam")
+    if gradient_checkpointing:
+        argv.append("--gradient_checkpointing")
+    if options.offload_scorers:
+        argv.append("--offload_scorers")
+    if spec.sdxl and options.sdxl_vae == "fp16-fix":
+        argv += ["--pretrained_vae_model_name_or_path", "madebyollin/sdxl-vae-fp16-fix"]
+    if mode == "human":
+        argv += ["--consensus", "human"]
+    elif mode == "precomputed":
+        argv.append("--precomputed_consensus")
+    else:
+        argv += ["--reward_models", ",".join(LIVE_METRICS)]
+        if reward_config is not None:
+            argv += ["--reward_config", reward_config]
+    args = script.parse_args(argv)
+    balanced_dpo.validate_args(args)
+    if hasattr(script, "validate_sdxl_args"):
+        script.validate_sdxl_args(args)
+    return args
+
+
+def _cast_models(pipeline_parts, device, weight_dtype, vae_dtype):
+    unet, vae, text_encoders = pipeline_parts
+    for model in (vae, *text_encoders, unet):
+        model.requires_grad_(False)
+    unet.to(device, dtype=weight_dtype)
+    vae.to(device, dtype=vae_dtype)
+    for encoder in text_encoders:
+        encoder.to(device, dtype=weight_dtype)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _construct(constructor, device, dtype):
+    """Builds a randomly initialised model directly on `device` (initialising billions of parameters on the CPU and
+    copying them over would take minutes) and casts it to `dtype` at once, so that only one model at a time is ever
+    in float32. On the CPU, where memory is short, it is initialised in `dtype` directly."""
+    init_dtype = torch.float32 if device.type == "cuda" else dtype
+    with torch.device(device), _default_dtype(init_dtype):
+        model = constructor()
+    return model.to(dtype=dtype)
+
+
+def build_full_size_models(name, spec, device, weight_dtype, workdir, seed):
+    """UNet, VAE, text encoders, tokenizers and noise scheduler of SD1.5 or SDXL from their configs, random weights.
+
+    The VAE is returned in float32; the caller casts it as the training script would."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def build(constructor, *args, dtype=weight_dtype):
+        return _construct(lambda: constructor(*args), device, dtype)
+
+    torch.manual_seed(seed)
+    if spec.sdxl:
+        unet = build(lambda: UNet2DConditionModel(**SDXL_UNET_CONFIG))
+        vae = build(lambda: AutoencoderKL(**SDXL_VAE_CONFIG), dtype=torch.float32)
+        text_encoders = [
+            build(CLIPTextModel, CLIPTextConfig(**CLIP_L_TEXT_CONFIG)),
+            build(CLIPTextModelWithProjection, CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG)),
+        ]
+    else:
+        unet = build(lambda: UNet2DConditionModel(**SD15_UNET_CONFIG))
+        vae = build(lambda: AutoencoderKL(**SD15_VAE_CONFIG), dtype=torch.float32)
+        text_encoders = [build(CLIPTextModel, CLIPTextConfig(**CLIP_L_TEXT_CONFIG))]
+    # The real 49,408-token CLIP BPE (written from open_clip's copy); SDXL's second tokenizer pads with "!".
+    tokenizers = [tiny_assets.write_clip_tokenizer(os.path.join(workdir, name, "tokenizer"))]
+    if spec.sdxl:
+        tokenizers.append(tiny_assets.write_clip_tokenizer(os.path.join(workdir, name, "tokenizer_2"), pad_token="!"))
+    return unet, vae, text_encoders, tokenizers, DDPMScheduler(**SD_SCHEDULER_CONFIG)
+
+
+def build_tiny_models(spec, assets):
+    """The tiny test pipeline, loaded as the training scripts load a pipeline folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = assets["sdxl"] if spec.sdxl else assets["sd"]
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
+    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False)]
+    if spec.sdxl:
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"))
+        tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=False))
+    return unet, vae, text_encoders, tokenizers, DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+
+
+def _aesthetic_head_state(seed):
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for index, fan_in, fan_out in zip(AESTHETIC_HEAD_INDICES, AESTHETIC_HEAD_DIMS[:-1], AESTHETIC_HEAD_DIMS[1:]):
+        state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in, generator=generator) * fan_in**-0.5
+        state[f"layers.{index}.bias"] = torch.zeros(fan_out)
+    return state
+
+
+def build_full_size_scorers(device, dtype, workdir, seed, offload=False):
+    """pickscore (CLIP-H/14), hpsv2 (open_clip ViT-H-14), clip and aesthetic (one shared CLIP-L/14) with random
+    weights, built through `rewards.build_scorer`.
+
+    The models are created here and handed to the scorers through `build_scorer`'s `model_pool` (the pool a
+    ScorerSet shares between its scorers), so no multi-GB random checkpoint has to be written and read back; the
+    scorers, their preprocessing, tokenizers and scoring code are rewards.py's own. The aesthetic head is small and
+    is loaded from a real `.pth` file.
+    """
+    import open_clip
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer_dir = os.path.join(workdir, "scorers", "clip_tokenizer")
+    clip_tokenizer = tiny_assets.write_clip_tokenizer(tokenizer_dir)
+    # Both CLIP processor configs: shortest side 224 (bicubic), center crop 224, OpenAI mean and std.
+    clip_preprocessor = rewards.CLIPImagePreprocessor(size=224, crop_size=224)
+
+    def build(constructor):
+        return _construct(constructor, device, dtype).eval().requires_grad_(False)
+
+    torch.manual_seed(seed)
+    clip_h = build(lambda: CLIPModel(CLIPConfig(**CLIP_VIT_H_14_CONFIG)))
+    clip_l = build(lambda: CLIPModel(CLIPConfig(**CLIP_VIT_L_14_CONFIG)))
+    hps_model = build(lambda: open_clip.create_model(HPSV2_OPEN_CLIP_ARCH, pretrained=None, device=device))
+
+    pickscore_path = os.path.join(workdir, "scorers", "PickScore_v1")
+    clip_l_path = os.path.join(workdir, "scorers", "clip-vit-large-patch14")
+    head_path = os.path.join(workdir, "scorers", "sac+logos+ava1-l14-linearMSE.pth")
+    hps_checkpoint = os.path.join(workdir, "scorers", "HPS_v2.1_compressed.pt")
+    torch.save(_aesthetic_head_state(seed), head_path)
+    torch.save({"state_dict": {}}, hps_checkpoint)  # a placeholder: the model comes from the pool
+
+    hps_cfg = open_clip.get_model_preprocess_cfg(hps_model)
+    hps_size = hps_cfg.get("size", 224)
+    hps_preprocessor = rewards.PadToSquarePreprocessor(
+        size=hps_size[0] if isinstance(hps_size, (tuple, list)) else hps_size,
+        image_mean=hps_cfg.get("mean", rewards.OPENAI_CLIP_MEAN),
+        image_std=hps_cfg.get("std", rewards.OPENAI_CLIP_STD),
+    )
+    # The pool keys of rewards.py's loaders: ("clip", path, processor path, dtype), ("open_clip", arch, file, dtype).
+    pool = {
+        ("clip", pickscore_path, tokenizer_dir, dtype): (clip_h, clip_tokenizer, clip_preprocessor),
+        ("clip", clip_l_path, clip_l_path, dtype): (clip_l, clip_tokenizer, clip_preprocessor),
+        ("open_clip", HPSV2_OPEN_CLIP_ARCH, os.path.abspath(hps_checkpoint), dtype): (
+            hps_model,
+            open_clip.get_tokenizer(HPSV2_OPEN_CLIP_ARCH),
+            hps_preprocessor,
+        ),
+    }
+    options = {
+        "pickscore": {"path": pickscore_path, "processor_path": tokenizer_dir},
+        "hpsv2": {"path": hps_checkpoint, "arch": HPSV2_OPEN_CLIP_ARCH},
+        "clip": {"path": clip_l_path},
+        "aesthetic": {"path": clip_l_path, "head_path": head_path},
+    }
+    scorers = {
+        name: rewards.build_scorer(name, model_pool=pool, device=device, dtype=dtype, **options[name])
+        for name in LIVE_METRICS
+    }
+    expected = {"pickscore": clip_h, "hpsv2": hps_model, "clip": clip_l, "aesthetic": clip_l}
+    for name, model in expected.items():
+        if getattr(scorers[name], "model", None) is not model:
+            raise RuntimeError(
+                f"rewards.build_scorer('{name}') did not take its model from the pool; the pool keys in "
+                "benchmark_step.py no longer match rewards.py's loaders."
+            )
+    if offload:
+        for scorer in scorers.values():
+            scorer.to("cpu")
+    return rewards.ScorerSet(scorers, device=device, offload=offload)
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_pipeline(name, options, accelerator, device, workdir):
+    """Builds the models of `name` and sets them up exactly as the training script's `main` does."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    spec = MODEL_SPECS[name]
+    if spec.sdxl:
+        import train_balanced_dpo_sdxl as script
+    else:
+        import train_balanced_dpo as script
+    resolution = options.resolution or spec.resolution
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[options.mixed_precision]
+    scorer_dtype = weight_dtype  # the training default (--scorer_dtype unset)
+    need_scorers = "live" in options.modes
+    reward_config = None
+    if spec.full_size:
+        unet, vae, text_encoders, tokenizers, noise_scheduler = build_full_size_models(
+            name, spec, device, weight_dtype, workdir, options.seed
+        )
+        scorer_set = (
+            build_full_size_scorers(device, scorer_dtype, workdir, options.seed, options.offload_scorers)
+            if need_scorers
+            else None
+        )
+    else:
+        assets = tiny_assets.build_all(os.path.join(workdir, "tiny_assets"), sdxl=spec.sdxl, seed=options.seed)
+        unet, vae, text_encoders, tokenizers, noise_scheduler = build_tiny_models(spec, assets)
+        reward_config = assets["reward_config"]
+        scorer_set = None
+        if need_scorers:
+            scorer_set = rewards.build_scorers(
+                list(LIVE_METRICS),
+                config=reward_config,
+                device=device,
+                dtype=scorer_dtype,
+                offload=options.offload_scorers,
+            )
+
+    # What the training script's main() does with the models, in the same order.
+    args = training_args(script, spec, resolution, "human", 1, False, options)
+    vae_dtype = weight_dtype
+    if spec.sdxl and args.pretrained_vae_model_name_or_path is None:
+        vae_dtype = torch.float32  # the stock SDXL VAE overflows in fp16: the script keeps it in fp32
+    _cast_models((unet, vae, text_encoders), device, weight_dtype, vae_dtype)
+    lora_config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.rank,
+        lora_dropout=args.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
+    )
+    balanced_dpo.add_lora_adapters(unet, lora_config, dynamic_reference=False)
+    if options.mixed_precision in ("fp16", "bf16"):
+        cast_training_params(unet, dtype=torch.float32)
+    params_to_optimize = balanced_dpo.freeze_all_but_policy(unet)
+    unet.train()
+    prepared_unet = accelerator.prepare(unet)
+    pipeline = Pipeline(
+        name=name,
+        spec=spec,
+        resolution=resolution,
+        script=script,
+        accelerator=accelerator,
+        unet=prepared_unet,
+        unwrapped_unet=accelerator.unwrap_model(prepared_unet),
+        vae=vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        noise_scheduler=noise_scheduler,
+        weight_dtype=weight_dtype,
+        params_to_optimize=params_to_optimize,
+        scorer_set=scorer_set,
+        reward_config=reward_config,
+    )
+    if spec.sdxl:
+        pipeline.prompt_encoder = call_with(
+            script.PromptEncoder,
+            tokenizers=tokenizers,
+            text_encoders=tuple(text_encoders),
+            device=device,
+            cache=getattr(args, "cache_text_embeddings", False),
+        )
+    else:
+        pipeline.generator = balanced_dpo.training_generator(accelerator, options.seed)
+    return pipeline
+
+
+def reference_switch_ms(unet, repeats=5):
+    """Host CPU time of entering and leaving `balanced_dpo.reference_model` once (adapters off and on again,
+    `requires_grad` restored), without the forward: Python work every training step does between the policy and the
+    reference forward. It delays the step when it exceeds the device work queued at that point (small batches)."""
+    with balanced_dpo.reference_model(unet, dynamic_reference=False):
+        pass
+    start = time.process_time()
+    for _ in range(repeats):
+        with balanced_dpo.reference_model(unet, dynamic_reference=False):
+            pass
+    return 1000.0 * (time.process_time() - start) / repeats
+
+
+def describe_pipeline(pipeline, options):
+    unet = pipeline.unwrapped_unet
+    info = {
+        "model": pipeline.name,
+        "resolution": pipeline.resolution,
+        "weight_dtype": str(pipeline.weight_dtype).replace("torch.", ""),
+        "vae_dtype": str(pipeline.vae.dtype).replace("torch.", ""),
+        "unet_parameters_m": round(sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n) / 1e6, 2),
+        "lora_parameters_m": round(sum(p.numel() for p in pipeline.params_to_optimize) / 1e6, 3),
+        "vae_parameters_m": round(count_parameters(pipeline.vae) / 1e6, 2),
+        "text_encoder_parameters_m": [round(count_parameters(e) / 1e6, 2) for e in pipeline.text_encoders],
+        "attention_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
+        "reference_switch_cpu_ms": reference_switch_ms(unet),
+    }
+    if pipeline.spec.sdxl:
+        info["sdxl_vae"] = options.sdxl_vae
+    if pipeline.scorer_set is not None:
+        seen, scorer_params = set(), {}
+        for name, scorer in pipeline.scorer_set.scorers.items():
+            count = sum(count_parameters(m) for m in scorer.modules() if id(m) not in seen)
+            seen.update(id(m) for m in scorer.modules())
+            scorer_params[name] = round(count / 1e6, 2)
+        info["scorer_parameters_m"] = scorer_params  # a shared model is counted once, for its first scorer
+        info["scorer_dtype"] = str(next(iter(pipeline.scorer_set.scorers.values())).dtype).replace("torch.", "")
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches (the real data pipeline, run before timing as the DataLoader workers would)
+# ----------------------------------------------------------------------------------------------------------------
+
+_CONTENT = [
+    ("red", "circle", "white"),
+    ("blue", "square", "black"),
+    ("green", "triangle", "grey"),
+    ("yellow", "circle", "black"),
+    ("purple", "square", "white"),
+    ("orange", "triangle", "white"),
+]
+
+
+def _jpeg(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_rows(num_pairs, image_size, seed=0):
+    """Pick-a-Pic-layout rows at `image_size` px with a distinct prompt per pair, no human ties (every mode trains on
+    every pair) and precomputed consensus columns."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num_pairs):
+        color, shape, background = _CONTENT[i % len(_CONTENT)]
+        caption = f"a {color} {shape} on a {background} background, picture {i}"
+        image_0 = tiny_assets.draw_shape_image(color, shape, background, size=image_size, noise=0.1, rng=rng)
+        image_1 = tiny_assets.draw_shape_image(
+            color, shape, background, size=image_size, scale=0.3, offset=(0.2, -0.2), noise=0.1, rng=rng
+        )
+        rows.append(
+            {
+                "caption": caption,
+                "jpg_0": _jpeg(image_0),
+                "jpg_1": _jpeg(image_1),
+                "label_0": float(i % 2 == 0),
+                "consensus_label": float(i % 3 != 0),
+                "consensus_prob": 0.75 if i % 3 != 0 else 0.25,
+            }
+        )
+    return rows
+
+
+def make_batch(pipeline, rows, pairs, seed=0):
+    import datasets
+
+    script = pipeline.script
+    extra_columns = tuple(script.PRECOMPUTED_COLUMNS[:2])
+    dataset = datasets.Dataset.from_list(rows[:pairs])
+    pair_dataset = preference_data.PreferencePairs(
+        dataset,
+        transform=preference_data.PairTransform(pipeline.resolution, center_crop=False, random_flip=True),
+        scorer_preprocessor=pipeline.scorer_set.preprocessor if pipeline.scorer_set is not None else None,
+        seed=seed,
+        extra_columns=extra_columns,
+    )
+    if pipeline.spec.sdxl:
+        tokenize = script.TokenizeCaptions(pipeline.tokenizers)
+    else:
+        tokenize = script.TokenizeCaptions(pipeline.tokenizers[0])
+    collate = preference_data.PairCollator(tokenize, resolution=pipeline.resolution)
+    batch = collate(pair_dataset.__getitems__(list(range(pairs))))
+    if batch["batch_size"] != pairs:
+        raise RuntimeError(f"The benchmark batch has {batch['batch_size']} usable pairs instead of {pairs}.")
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training step: the body of the training loop of both scripts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+_ADAMW8BIT = {}
+
+
+def adamw8bit_class(device):
+    """(bitsandbytes.optim.AdamW8bit, None) when bitsandbytes imports and runs an 8-bit step on `device`, else
+    (None, the reason). A build without kernels for the device fails only at the first step, hence the probe."""
+    key = str(device)
+    if key not in _ADAMW8BIT:
+        try:
+            import bitsandbytes as bnb
+
+            param = torch.nn.Parameter(torch.zeros(4096, device=device))  # 4096 elements: the 8-bit state path
+            param.grad = torch.ones_like(param)
+            bnb.optim.AdamW8bit([param], lr=1e-3).step()
+            synchronize(device)
+            _ADAMW8BIT[key] = (bnb.optim.AdamW8bit, None)
+        except Exception as error:
+            _ADAMW8BIT[key] = (None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    return _ADAMW8BIT[key]
+
+
+def make_optimizer(args, params):
+    """The training script's optimizer (AdamW8bit with --use_8bit_adam); returns (optimizer, description)."""
+    optimizer_class, description = torch.optim.AdamW, "torch AdamW"
+    if args.use_8bit_adam:
+        adamw8bit, reason = adamw8bit_class(params[0].device)
+        if adamw8bit is not None:
+            optimizer_class, description = adamw8bit, "bitsandbytes AdamW8bit"
+        else:
+            description = f"torch AdamW (bitsandbytes AdamW8bit unavailable: {reason})"
+    optimizer = optimizer_class(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    return optimizer, description
+
+
+def make_labeler(args, scorer_set):
+    if args.precomputed_consensus:
+        return None
+    return rewards.ConsensusLabeler(
+        mode=args.consensus,
+        temperatures=scorer_set.temperatures if scorer_set is not None else None,
+        weights=scorer_set.weights if scorer_set is not None else None,
+        abstain_margin=args.abstain_margin,
+        tie_policy=args.tie_policy,
+        min_agreement=args.min_agreement,
+        human_vote=args.human_vote,
+        seed=args.seed if args.seed is not None else 0,
+        normalize_warmup_pairs=args.normalize_warmup_pairs,
+    )
+
+
+def training_step(pipeline, args, batch, labeler, metrics, optimizer, lr_scheduler, timer):
+    """One optimizer step, as in the training loop of train_balanced_dpo.py / train_balanced_dpo_sdxl.py (one
+    process, no accumulation). Returns (kept pairs, finite). Backward and the optimizer step run even when the
+    loss is not finite, so that every timed step does the same work."""
+    accelerator = pipeline.accelerator
+    start = time.perf_counter()
+    scorer_set = pipeline.scorer_set if args.scored_metrics else None
+    label, prob, keep = balanced_dpo.consensus_for_batch(args, accelerator, batch, scorer_set, labeler, metrics)
+    timer.add_seconds("consensus", time.perf_counter() - start)
+    kept = int(keep.sum())
+    if kept == 0:
+        return 0, True  # the training loop skips such a batch
+    with accelerator.accumulate(pipeline.unet):
+        loss = call_with(
+            pipeline.script.dpo_step,
+            args=args,
+            accelerator=accelerator,
+            batch=batch,
+            label=label,
+            prob=prob,
+            keep=keep,
+            unet=pipeline.unet,
+            unwrapped_unet=pipeline.unwrapped_unet,
+            vae=pipeline.vae,
+            text_encoder=pipeline.text_encoders[0],
+            prompt_encoder=pipeline.prompt_encoder,
+            noise_scheduler=pipeline.noise_scheduler,
+            weight_dtype=pipeline.weight_dtype,
+            dynamic_reference=False,
+            metrics=metrics,
+            generator=pipeline.generator,
+        )
+        finite = torch.isfinite(loss.detach()).float().item() > 0  # the training loop's check (a device sync)
+        with timer.phase("unet_backward"):
+            accelerator.backward(loss)
+        with timer.phase("optimizer"):
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(pipeline.params_to_optimize, args.max_grad_norm)
+                if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                    finite = False
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return kept, finite
+
+
+def place_scorers(pipeline, live, device):
+    """Scorers sit on the device only for `live` runs: Diffusion-DPO and precomputed runs load no scorer, and their
+    peak memory must not include them."""
+    scorer_set = pipeline.scorer_set
+    if scorer_set is None or scorer_set.offload or device.type != "cuda" or pipeline.scorers_on_device == live:
+        return
+    for scorer in scorer_set.scorers.values():
+        scorer.to(device if live else "cpu")
+    scorer_set.device = device
+    pipeline.scorers_on_device = live
+    free_memory(device, collect=False)
+
+
+def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpointing, batch, timer, instrumentation):
+    from diffusers.optimization import get_scheduler
+
+    spec = pipeline.spec
+    warmup_steps = spec.warmup_steps if options.warmup_steps is None else options.warmup_steps
+    steps = spec.steps if options.steps is None else options.steps
+    result = {
+        "model": pipeline.name,
+        "resolution": pipeline.resolution,
+        "pairs": pairs,
+        "gradient_checkpointing": gradient_checkpointing,
+        "mode": mode,
+        "status": "ok",
+        "warmup_steps": warmup_steps,
+        "steps": steps,
+    }
+    args = training_args(
+        pipeline.script,
+        spec,
+        pipeline.resolution,
+        mode,
+        pairs,
+        gradient_checkpointing,
+        options,
+        pipeline.reward_config,
+    )
+    place_scorers(pipeline, mode == "live", device)
+    unet = pipeline.unwrapped_unet
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    labeler = make_labeler(args, pipeline.scorer_set)
+
+    memory = MemoryMeter(device)
+    memory.reset()
+    optimizer, optimizer_description = make_optimizer(args, pipeline.params_to_optimize)
+    # Prepared as in training: under fp16 the accelerated optimizer unscales and skips steps through the grad scaler.
+    optimizer = pipeline.accelerator.prepare(optimizer)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=0, num_training_steps=1)
+    result["optimizer"] = optimizer_description
+    step_seconds, scoring_seconds, breakdowns, kept_pairs, nonfinite = [], [], [], [], 0
+    try:
+        for i in range(warmup_steps + steps):
+            measured = i >= warmup_steps
+            timer.enabled = measured
+            metrics = balanced_dpo.StepMetrics()
+            synchronize(device)
+            start = time.perf_counter()
+            kept, finite = training_step(pipeline, args, batch, labeler, metrics, optimizer, lr_scheduler, timer)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            phases = timer.collect()
+            instrumentation.reset()
+            if measured:
+                step_seconds.append(seconds)
+                scoring_seconds.append(metrics.scoring_seconds)
+                breakdowns.append(phases)
+                kept_pairs.append(kept)
+                nonfinite += int(not finite)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        result["status"] = "OOM"
+        result["error"] = str(error).splitlines()[0][:300]
+    timer.enabled = False
+    timer.reset()
+    instrumentation.reset()
+    result["peak_memory_gib"] = memory.peak_gib()
+    result["peak_memory_kind"] = memory.kind if result["peak_memory_gib"] is not None else "n/a"
+    result["peak_reserved_gib"] = memory.reserved_gib()
+    # Free everything of this configuration (also after an out-of-memory error) before the next one.
+    optimizer = lr_scheduler = None
+    unet.zero_grad(set_to_none=True)
+    # Drops accelerate's references to the prepared optimizer (after its own garbage collection), then the cache.
+    pipeline.accelerator.free_memory()
+    free_memory(device, collect=False)
+
+    if result["status"] == "ok":
+        median = statistics.median(step_seconds)
+        result.update(
+            {
+                "step_seconds": step_seconds,
+                "median_step_seconds": median,
+                "pairs_per_second": pairs / median,
+                "scoring_share": sum(scoring_seconds) / sum(step_seconds),
+                "median_scoring_seconds": statistics.median(scoring_seconds),
+                "kept_pairs": statistics.mean(kept_pairs),
+                "nonfinite_steps": nonfinite,
+                "breakdown_ms": summarize_breakdown(breakdowns, step_seconds),
+            }
+        )
+    return result
+
+
+def summarize_breakdown(breakdowns, step_seconds):
+    """Median milliseconds per phase over the timed steps; `other` is what the phases leave of the step (host to
+    device copies, noise and loss arithmetic, synchronizations, launch gaps)."""
+    summary = {}
+    for phase in PHASES:
+        summary[phase] = 1000.0 * statistics.median([b.get(phase, 0.0) for b in breakdowns])
+    others = [seconds - sum(b.get(p, 0.0) for p in PHASES) for b, seconds in zip(breakdowns, step_seconds)]
+    summary["other"] = 1000.0 * statistics.median(others)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_ratios(results):
+    """Ratios of every mode against `human` with the same model, pairs and checkpointing."""
+    baselines = {
+        (r["model"], r["resolution"], r["pairs"], r["gradient_checkpointing"]): r
+        for r in results
+        if r["mode"] == "human" and r["status"] == "ok"
+    }
+    for result in results:
+        base = baselines.get(
+            (result["model"], result["resolution"], result["pairs"], result["gradient_checkpointing"])
+        )
+        if base is None or result["status"] != "ok":
+            continue
+        result["step_time_vs_human"] = result["median_step_seconds"] / base["median_step_seconds"]
+        result["throughput_vs_human"] = result["pairs_per_second"] / base["pairs_per_second"]
+        # Only GPU peaks compare: a CPU resident-set delta mostly shows what the allocator had to grow by.
+        if result.get("peak_memory_kind") == "cuda_max_allocated" and base.get("peak_memory_gib"):
+            result["memory_vs_human"] = result["peak_memory_gib"] / base["peak_memory_gib"]
+
+
+def memory_target_lines(results, device):
+    """One line per README memory target: the lowest live-scoring peak measured for it (and the precomputed one)."""
+    lines = []
+    for model, resolution, pairs, checkpointing, limit in MEMORY_TARGETS:
+        what = f"{MODEL_SPECS[model].label} {resolution} px, {pairs} pair{'s' if pairs > 1 else ''}"
+        if checkpointing:
+            what += ", gradient checkpointing"
+
+        def measured(mode):
+            runs = [
+                r
+                for r in results
+                if (r["model"], r["resolution"], r["pairs"], r["mode"]) == (model, resolution, pairs, mode)
+                and r["status"] in ("ok", "OOM")
+                and (checkpointing is None or r["gradient_checkpointing"] == checkpointing)
+            ]
+            # The configuration that fits best: a completed run with the lowest peak, else an out-of-memory one.
+            runs.sort(key=lambda r: (r["status"] != "ok", r.get("peak_memory_gib") or 0.0))
+            return runs[0] if runs else None
+
+        def describe(r):
+            setting = "" if checkpointing else f", checkpointing {'on' if r['gradient_checkpointing'] else 'off'}"
+            if r["status"] == "OOM":
+                return f"out of memory{setting}"
+            return f"{r['peak_memory_gib']:.2f} GiB{setting}"
+
+        head = f"Memory target, {what}, four live scorers, < {limit:g} GiB:"
+        live = measured("live")
+        if device.type != "cuda":
+            lines.append(f"{head} n/a (GPU memory; this run is on {device.type})")
+        elif live is None:
+            lines.append(f"{head} not measured in this run")
+        else:
+            met = live["status"] == "ok" and live["peak_memory_gib"] < limit
+            line = f"{head} {describe(live)}: {'met' if met else 'NOT MET'}"
+            precomputed = measured("precomputed")
+            if precomputed is not None:
+                line += f" (precomputed consensus: {describe(precomputed)})"
+            lines.append(line)
+    return lines
+
+
+def _fmt(value, pattern, missing="-"):
+    return missing if value is None else pattern.format(value)
+
+
+def _table(header, rows):
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def format_report(report):
+    results = report["results"]
+    on_gpu = report["meta"]["device_type"] == "cuda"
+    memory_header, memory_format = ("peak GiB", "{:.2f}") if on_gpu else ("RSS+ GiB", "{:.3f}")
+    header = [
+        "model",
+        "px",
+        "pairs",
+        "ckpt",
+        "mode",
+        "step s",
+        "pairs/s",
+        "x human",
+        memory_header,
+        "mem x human",
+        "scoring",
+    ]
+    rows = []
+    for r in results:
+        common = [r["model"], r["resolution"], r["pairs"], "on" if r["gradient_checkpointing"] else "off", r["mode"]]
+        if r["status"] != "ok":
+            peak = _fmt(r.get("peak_memory_gib"), memory_format, "n/a")
+            rows.append(common + [r["status"], "", "", peak if r["status"] == "OOM" else "", "", ""])
+            continue
+        rows.append(
+            common
+            + [
+                f"{r['median_step_seconds']:.4f}",
+                f"{r['pairs_per_second']:.2f}",
+                _fmt(r.get("step_time_vs_human"), "{:.3f}"),
+                _fmt(r.get("peak_memory_gib"), memory_format, "n/a"),
+                _fmt(r.get("memory_vs_human"), "{:.3f}"),
+                f"{100 * r['scoring_share']:.1f}%",
+            ]
+        )
+    text = [_table(header, rows)]
+    text.append(
+        "x human: median step time / that of Diffusion-DPO (human labels) at the same pairs and checkpointing;"
+        " scoring: share of the step spent in the reward models (StepMetrics.scoring_seconds)."
+        + (
+            ""
+            if on_gpu
+            else " RSS+ GiB: growth of the peak resident set over the start of the run (not comparable across modes)."
+        )
+    )
+    breakdown_rows = []
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        b = r["breakdown_ms"]
+        breakdown_rows.append(
+            [r["model"], r["pairs"], "on" if r["gradient_checkpointing"] else "off", r["mode"]]
+            + [f"{b[p]:.1f}" for p in (*PHASES, "other")]
+            + [f"{1000 * r['median_step_seconds']:.1f}"]
+        )
+    if breakdown_rows:
+        header = ["model", "pairs", "ckpt", "mode", "vae enc", "text enc", "consensus"]
+        header += ["unet fwd", "ref fwd", "unet bwd", "optimizer", "other", "step"]
+        text.append("\nStep breakdown, median ms (consensus includes the scoring; unet bwd includes recomputation):")
+        text.append(_table(header, breakdown_rows))
+    text.append("")
+    for info in report["models"]:
+        text.append(
+            f"{info['model']}: host CPU time of one balanced_dpo.reference_model switch (adapters off and on,"
+            f" requires_grad restored; no forward): {info['reference_switch_cpu_ms']:.1f} ms per step"
+        )
+    text += report["memory_targets"]
+    return "\n".join(text)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def environment(device, options):
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "device_type": device.type,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "mixed_precision": options.mixed_precision,
+        "lora_rank": options.rank,
+        "allow_tf32": options.allow_tf32,
+        "offload_scorers": options.offload_scorers,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "accelerate": accelerate.__version__,
+        },
+        "random_weights": True,
+    }
+    try:
+        import bitsandbytes
+
+        meta["versions"]["bitsandbytes"] = bitsandbytes.__version__
+    except Exception as error:
+        meta["versions"]["bitsandbytes"] = f"unavailable ({type(error).__name__})"
+    return meta
+
+
+def write_json(path, report):
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def configurations(pairs_list, checkpointing_list, modes):
+    """Pairs first, then checkpointing, then modes, alternating the mode order so that the scorers move between
+    the device and the host at most once per (pairs, checkpointing)."""
+    ordered, flip = [], False
+    for pairs in pairs_list:
+        for checkpointing in checkpointing_list:
+            mode_order = sorted(modes, key=lambda m: (m == "live") != flip)
+            ordered += [(pairs, checkpointing, mode) for mode in mode_order]
+            flip = not flip
+    return ordered
+
+
+def skipped_result(name, resolution, pairs, checkpointing, mode):
+    return {
+        "model": name,
+        "resolution": resolution,
+        "pairs": pairs,
+        "gradient_checkpointing": checkpointing,
+        "mode": mode,
+        "status": "skipped (time budget)",
+    }
+
+
+def main(options):
+    from accelerate import Accelerator
+
+    started = time.perf_counter()
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if options.mixed_precision is None:
+        options.mixed_precision = "bf16" if device.type == "cuda" else "no"
+    if options.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if options.num_threads is not None:
+        torch.set_num_threads(options.num_threads)
+    accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=device.type == "cpu")
+    checkpointing_list = {"on": [True], "off": [False], "both": [True, False]}[options.gradient_checkpointing]
+    modes = [m for m in MODES if m in options.modes]
+    report = {"meta": environment(device, options), "models": [], "results": [], "memory_targets": []}
+    print(f"Device: {report['meta']['device']}, mixed precision {options.mixed_precision}", flush=True)
+
+    def over_budget():
+        return options.time_budget_s is not None and time.perf_counter() - started > options.time_budget_s
+
+    for name in options.model:
+        if over_budget():
+            resolution = options.resolution or MODEL_SPECS[name].resolution
+            for pairs, checkpointing, mode in configurations(options.pairs, checkpointing_list, modes):
+                report["results"].append(skipped_result(name, resolution, pairs, checkpointing, mode))
+            continue
+        with tempfile.TemporaryDirectory(prefix="balanced_dpo_benchmark_") as workdir:
+            build_start = time.perf_counter()
+            pipeline = build_pipeline(name, options, accelerator, device, workdir)
+            rows = make_rows(max(options.pairs), pipeline.resolution if pipeline.spec.full_size else 64, options.seed)
+            batches = {pairs: make_batch(pipeline, rows, pairs, options.seed) for pairs in sorted(set(options.pairs))}
+            info = describe_pipeline(pipeline, options)
+            info["build_seconds"] = time.perf_counter() - build_start
+            report["models"].append(info)
+            print(f"Built {name} in {info['build_seconds']:.1f} s: {json.dumps(info)}", flush=True)
+
+            timer = PhaseTimer(device)
+            instrumentation = Instrumentation(timer, pipeline.vae, pipeline.text_encoders, pipeline.unwrapped_unet)
+            try:
+                for pairs, checkpointing, mode in configurations(options.pairs, checkpointing_list, modes):
+                    if over_budget():
+                        result = skipped_result(name, pipeline.resolution, pairs, checkpointing, mode)
+                    else:
+                        result = run_configuration(
+                            pipeline,
+                            options,
+                            device,
+                            mode,
+                            pairs,
+                            checkpointing,
+                            batches[pairs],
+                            timer,
+                            instrumentation,
+                        )
+                    report["results"].append(result)
+                    summary = {k: v for k, v in result.items() if k not in ("step_seconds", "breakdown_ms")}
+                    print(json.dumps(summary), flush=True)
+                    add_ratios(report["results"])
+                    report["memory_targets"] = memory_target_lines(report["results"], device)
+                    report["meta"]["total_seconds"] = time.perf_counter() - started
+                    write_json(options.json, report)
+            finally:
+                instrumentation.remove()
+                del pipeline, batches, timer, instrumentation
+                accelerator.free_memory()
+                free_memory(device)
+
+    add_ratios(report["results"])
+    report["memory_targets"] = memory_target_lines(report["results"], device)
+    report["meta"]["total_seconds"] = time.perf_counter() - started
+    write_json(options.json, report)
+    optimizers = sorted({r["optimizer"] for r in report["results"] if "optimizer" in r})
+    print()
+    print(f"Device: {report['meta']['device']}; optimizer: {', '.join(optimizers) or '-'}; random weights")
+    print(format_report(report))
+    print(f"Total {report['meta']['total_seconds']:.1f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())
