@@ -20,6 +20,8 @@
 - `StepMetrics`: what is logged once per optimizer step.
 - Checkpoint housekeeping: atomic `checkpoint-N` folders, `latest`, `--checkpoints_total_limit`.
 - `validate_args`: the argument checks that must fail in seconds, before any model or dataset is loaded.
+- Robustness on many processes: `GracefulStop` (SIGTERM/SIGINT -> checkpoint, agreed by every process),
+  `record_bad_examples` (bad rows counted over all processes), `check_finite_lora` (no NaN LoRA is ever written).
 
 Scoring and the consensus label itself live in `rewards.py`; the data pipeline in `preference_data.py`.
 """
@@ -29,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import signal
 
 import torch
 import torch.nn.functional as F
@@ -298,6 +301,9 @@ class StepMetrics:
             values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
             timing = accelerator.reduce(timing.to(accelerator.device), reduction="sum").cpu()
         logs = {name: v / n for name, (v, n) in zip(names, values.tolist()) if n > 0}
+        if "loss" in names:
+            # Pairs trained in this optimizer step over all processes (dropped and unreadable pairs excluded).
+            logs["pairs"] = values[names.index("loss"), 1].item()
         if timing[1] > 0:
             logs["scoring_time_share"] = (timing[0] / timing[1]).item()
         return logs
@@ -382,6 +388,91 @@ def save_checkpoint(accelerator, output_dir, global_step, total_limit=None, logg
     return final_path
 
 
+def check_finite_lora(state_dict, what="The LoRA"):
+    """Refuses to write LoRA weights with NaN or inf values (they would load and produce black images)."""
+    bad_keys = [key for key, value in state_dict.items() if not torch.isfinite(value).all()]
+    if bad_keys:
+        raise RuntimeError(
+            f"{what} has non-finite values ({', '.join(bad_keys[:3])}{', ...' if len(bad_keys) > 3 else ''}); it was"
+            " not written. Earlier checkpoints are intact: resume from one with a lower --learning_rate or --beta_dpo."
+        )
+
+
+def generator_state_name(process_index):
+    return f"training_generator_{process_index}.safetensors"
+
+
+def save_generator_state(directory, generator, process_index):
+    """Each process saves its own noise generator (they are seeded differently), so a multi-process resume draws
+    the same noise on every process as the uninterrupted run."""
+    from safetensors.torch import save_file
+
+    save_file({"state": generator.get_state()}, os.path.join(directory, generator_state_name(process_index)))
+
+
+def load_generator_state(directory, generator, process_index):
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, generator_state_name(process_index))
+    if os.path.isfile(path):
+        generator.set_state(load_file(path)["state"])
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT (preemption, Ctrl-C, `scancel`): finish the current optimizer step, save a checkpoint, exit.
+
+    The handler only sets a flag; the training loop asks `requested(accelerator)` once per optimizer step. The answer
+    is agreed by all processes (a max over them), because a signal may reach only some of them, and a process that
+    went on to save a checkpoint alone would hang the others in their next collective. Further signals while stopping
+    are ignored: launchers such as torchrun forward the signal that the scheduler also sends to every process, and a
+    second one must not abort the checkpoint. Use as a context manager so the previous handlers come back.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+    def requested(self, accelerator):
+        flag = torch.tensor([0.0 if self.signum is None else 1.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="max")
+        return flag.item() > 0
+
+
+def record_bad_examples(accelerator, tracker, batch):
+    """Counts and logs the bad rows of this micro-batch on every process, then applies `--max_bad_examples`.
+
+    The rows of all processes are gathered first, so each bad row is logged once with its row id whichever process
+    read it, the counts (logged and saved in checkpoints) are those of the whole run, and every process takes the
+    same stop decision: one process stopping alone would leave the others waiting for it forever.
+    """
+    bad, num_rows, num_skipped = list(batch["bad_examples"]), int(batch["num_rows"]), int(batch["skipped_examples"])
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([(bad, num_rows, num_skipped)])
+        bad = [item for part in gathered for item in part[0]]
+        num_rows = sum(part[1] for part in gathered)
+        num_skipped = sum(part[2] for part in gathered)
+    tracker.update(bad, num_seen=num_rows, num_skipped=num_skipped)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Argument checks that run before anything expensive
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,14 +527,36 @@ def validate_args(args):
         raise ValueError("--rank must be positive.")
     if args.gradient_accumulation_steps < 1:
         raise ValueError("--gradient_accumulation_steps must be >= 1.")
+    if args.train_batch_size < 1:
+        raise ValueError("--train_batch_size must be >= 1 (pairs per device per micro-step).")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError("--checkpoints_total_limit must be >= 1 (or left unset to keep every checkpoint).")
+    # Both are used as `step % N`: 0 would crash after the first step, hours into a run.
+    if args.checkpointing_steps < 1:
+        raise ValueError("--checkpointing_steps must be >= 1 (a large value saves only at interruptions).")
+    if args.validation_steps < 1:
+        raise ValueError("--validation_steps must be >= 1.")
+    if args.max_nonfinite_steps < 1:
+        raise ValueError("--max_nonfinite_steps must be >= 1.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError("--max_train_steps must be >= 1.")
+    if args.streaming and args.max_train_steps is None:
+        raise ValueError("--streaming needs --max_train_steps (the length of a streamed dataset is unknown).")
+    if args.ref_update_mode == "ema" and args.ref_update_steps == 0:
+        raise ValueError(
+            "--ref_update_mode ema has no effect with --ref_update_steps 0 (the reference stays the base model);"
+            " set --ref_update_steps N to update the reference every N steps."
+        )
 
     reward_models = [m.strip() for m in args.reward_models.split(",") if m.strip()] if args.reward_models else []
     if args.precomputed_consensus:
+        # The label was decided offline by `rewards.py label`: live consensus options would be silently ignored.
         if args.consensus != "majority" or args.human_vote:
-            # The label was decided offline by `rewards.py label`; live consensus options would be ignored.
-            pass
+            raise ValueError(
+                "--precomputed_consensus reads the labels written by `rewards.py label`, so --consensus and"
+                " --human_vote have no effect: pass them to `rewards.py label` instead, or drop"
+                " --precomputed_consensus to label live."
+            )
         args.scored_metrics = []
     else:
         import rewards
@@ -592,11 +705,12 @@ def save_run_state(directory, progress, bad_examples, generator, labeler=None):
     save_training_state(directory, state)
 
 
-def load_run_state(directory, progress, bad_examples, generator, labeler=None):
+def load_run_state(directory, progress, bad_examples, generator, labeler=None, process_index=0):
     state = load_training_state(directory)
     progress.load_state_dict(state["progress"])
     bad_examples.load_state_dict(state.get("bad_examples", {}))
     generator.set_state(state["generator"])
+    load_generator_state(directory, generator, process_index)
     if labeler is not None and "consensus" in state:
         labeler.load_state_dict(state["consensus"])
 

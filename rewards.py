@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -48,6 +49,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+
+logger = logging.getLogger(__name__)
 
 
 __all__ = [
@@ -468,7 +472,15 @@ def _load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
 
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            # weights_only=True refuses any object that is not a tensor or a plain container: unpickling it could
+            # run arbitrary code.
+            raise ValueError(
+                f"Refusing to load '{path}': it holds Python objects besides tensors, and unpickling them could run"
+                " code. Re-save only its state dict (torch.save(model.state_dict(), path)) or as .safetensors."
+            ) from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -1887,6 +1899,12 @@ def _add_dataset_args(parser):
     parser.add_argument("--label_0_column", type=str, default="label_0", help="Human label column (may be absent).")
     parser.add_argument("--max_samples", type=int, default=None, help="Process at most this many pairs.")
     parser.add_argument("--batch_size", type=int, default=16, help="Pairs scored per step.")
+    parser.add_argument(
+        "--max_bad_examples",
+        type=str,
+        default=None,
+        help="Stop when more rows than this (count, or a fraction < 1) are unusable; bad rows are skipped and logged.",
+    )
 
 
 def parse_args(input_args=None):
@@ -1930,6 +1948,20 @@ def parse_args(input_args=None):
         args.reward_models
     ):
         parser.error(f"--consensus {args.consensus}: the metric is not in --reward_models {args.reward_models}.")
+    # Unknown metrics fail here, not after the dataset was opened.
+    for name in _parse_names(args.reward_models):
+        if name not in _SCORERS and ":" not in name:
+            parser.error(
+                f"unknown metric '{name}' in --reward_models; available: {', '.join(available_scorers())} (or a user"
+                " scorer as package.module:Class)."
+            )
+    if getattr(args, "max_bad_examples", None) is not None:
+        from preference_data import parse_max_bad_examples
+
+        try:
+            args.max_bad_examples = parse_max_bad_examples(args.max_bad_examples)
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 
@@ -2044,13 +2076,17 @@ def _load_dataset(args):
             streaming=args.streaming,
             cache_dir=args.cache_dir,
         )
+    from preference_data import DataError, check_columns
+
     features = dataset.features
     columns = list(features) if features is not None else None
-    needed = [args.caption_column, args.image_0_column, args.image_1_column]
+    # Missing columns and wrong types stop here, before any scorer is loaded. The human label is optional.
+    label_column = args.label_0_column if columns is None or args.label_0_column in columns else None
+    try:
+        check_columns(dataset, args.caption_column, args.image_0_column, args.image_1_column, label_column)
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None
     if columns is not None:
-        missing = [c for c in needed if c not in columns]
-        if missing:
-            raise SystemExit(f"error: dataset has no column(s) {missing}; its columns are {columns}.")
         for column in (args.image_0_column, args.image_1_column):
             if isinstance(features[column], datasets.Image) and features[column].decode:
                 # Keep the encoded bytes: decoding happens here, with undecodable images skipped and counted.
@@ -2058,32 +2094,49 @@ def _load_dataset(args):
     return dataset
 
 
-def _iter_batches(dataset, batch_size, max_samples):
-    batch = []
+def _iter_batches(dataset, batch_size, max_samples, with_ids=False):
+    """Batches of rows; with `with_ids`, (row ids, rows) where a row id is the row's position in the dataset."""
+    batch, ids = [], []
     for count, row in enumerate(dataset):
         if max_samples is not None and count >= max_samples:
             break
         batch.append(row)
+        ids.append(count)
         if len(batch) == batch_size:
-            yield batch
-            batch = []
+            yield (ids, batch) if with_ids else batch
+            batch, ids = [], []
     if batch:
-        yield batch
+        yield (ids, batch) if with_ids else batch
 
 
-def _decode_pairs(rows, args):
-    """Decodes both images of each row; returns (kept rows, images_0, images_1, number skipped)."""
-    kept, images_0, images_1, skipped = [], [], [], 0
-    for row in rows:
+def _decode_pairs(rows, args, row_ids=None):
+    """Checks and decodes each row; returns (kept rows, images_0, images_1, bad rows).
+
+    A bad row (undecodable image, missing or empty caption, label not in {0, 0.5, 1}) is skipped and reported as
+    `(row id, reason, undecodable)`; grayscale, RGBA, CMYK or palette images and pairs of different sizes are fine.
+    """
+    from preference_data import BadExampleError, normalize_label
+
+    kept, images_0, images_1, bad = [], [], [], []
+    for row_id, row in zip(row_ids if row_ids is not None else range(len(rows)), rows):
+        try:
+            caption = row.get(args.caption_column)
+            if not isinstance(caption, str) or not caption.strip():
+                raise BadExampleError("caption is missing or empty")
+            if args.label_0_column in row:
+                normalize_label(row[args.label_0_column])
+        except BadExampleError as error:
+            bad.append((row_id, str(error), False))
+            continue
         try:
             image_0, image_1 = load_image(row[args.image_0_column]), load_image(row[args.image_1_column])
-        except (ValueError, FileNotFoundError, OSError, TypeError):
-            skipped += 1
+        except (ValueError, FileNotFoundError, OSError, TypeError) as error:
+            bad.append((row_id, f"undecodable image: {error}", True))
             continue
         kept.append(row)
         images_0.append(image_0)
         images_1.append(image_1)
-    return kept, images_0, images_1, skipped
+    return kept, images_0, images_1, bad
 
 
 def _human_labels(rows, column):
@@ -2153,6 +2206,8 @@ def _output_features(dataset, names):
 def cmd_label(args):
     from tqdm.auto import tqdm
 
+    from preference_data import BadExampleTracker, DataError
+
     dataset = _load_dataset(args)
     scorers = build_scorers(
         args.reward_models, args.reward_config, device=_default_device(args.device), dtype=args.dtype
@@ -2162,13 +2217,27 @@ def cmd_label(args):
     total = None if args.streaming else len(dataset)
     if args.max_samples is not None:
         total = min(total, args.max_samples) if total is not None else args.max_samples
-    counts = {"rows": 0, "skipped_undecodable": 0, "kept": 0, "agree_with_human": 0, "human_decisive": 0}
+    counts = {
+        "rows": 0,
+        "skipped_undecodable": 0,
+        "skipped_invalid": 0,
+        "kept": 0,
+        "agree_with_human": 0,
+        "human_decisive": 0,
+    }
+    bad_examples = BadExampleTracker(args.max_bad_examples, logger=logger)
     agreement_sum = 0.0
     progress = tqdm(total=total, unit="pair", desc="labeling")
-    for rows in _iter_batches(dataset, args.batch_size, args.max_samples):
+    for row_ids, rows in _iter_batches(dataset, args.batch_size, args.max_samples, with_ids=True):
         progress.update(len(rows))
-        rows, images_0, images_1, skipped = _decode_pairs(rows, args)
-        counts["skipped_undecodable"] += skipped
+        num_rows = len(rows)
+        rows, images_0, images_1, bad = _decode_pairs(rows, args, row_ids)
+        counts["skipped_undecodable"] += sum(1 for *_, undecodable in bad if undecodable)
+        counts["skipped_invalid"] += sum(1 for *_, undecodable in bad if not undecodable)
+        try:
+            bad_examples.update([(row_id, reason) for row_id, reason, _ in bad], num_seen=num_rows)
+        except DataError as error:
+            raise SystemExit(f"error: {error}") from None
         if not rows:
             continue
         scores_0, scores_1 = scorers.score_pairs(images_0, images_1, [r[args.caption_column] for r in rows])
@@ -2206,6 +2275,7 @@ def cmd_label(args):
         "consensus": labeler.config(),
         "normalized_sum_state": labeler.normalized_state.state_dict(),
         "counts": counts,
+        "bad_examples": bad_examples.state_dict(),
         "shards": [os.path.relpath(s, args.output_dir) for s in shards],
     }
     with open(os.path.join(args.output_dir, f"labeling_{args.split}.json"), "w", encoding="utf-8") as f:
@@ -2213,6 +2283,8 @@ def cmd_label(args):
     rows = max(counts["rows"], 1)
     print(f"wrote {counts['rows']} pairs to {len(shards)} parquet shard(s) under {writer.data_dir}")
     print(f"skipped {counts['skipped_undecodable']} pair(s) with undecodable images")
+    if counts["skipped_invalid"]:
+        print(f"skipped {counts['skipped_invalid']} pair(s) with a missing or empty caption or an invalid label")
     print(
         f"kept {counts['kept']} / {counts['rows']} pairs ({100.0 * counts['kept'] / rows:.1f}%), "
         f"mean agreement {agreement_sum / rows:.3f}"
@@ -2277,16 +2349,25 @@ def cmd_calibrate(args):
     else:
         scorers = build_scorers(names, config, device=_default_device(args.device), dtype=args.dtype)
         temperatures, weights = scorers.temperatures, scorers.weights
+    from preference_data import BadExampleTracker, DataError
+
+    bad_examples = BadExampleTracker(args.max_bad_examples, logger=logger)
     all_0 = {m: [] for m in names}
     all_1 = {m: [] for m in names}
     human_all, skipped = [], 0
-    for rows in tqdm(_iter_batches(dataset, args.batch_size, args.max_samples), desc="calibrating", unit="batch"):
+    batches = _iter_batches(dataset, args.batch_size, args.max_samples, with_ids=True)
+    for row_ids, rows in tqdm(batches, desc="calibrating", unit="batch"):
         if precomputed:
             scores_0 = {m: torch.tensor([float(r[f"score_{m}_0"]) for r in rows]) for m in names}
             scores_1 = {m: torch.tensor([float(r[f"score_{m}_1"]) for r in rows]) for m in names}
         else:
-            rows, images_0, images_1, bad = _decode_pairs(rows, args)
-            skipped += bad
+            num_rows = len(rows)
+            rows, images_0, images_1, bad = _decode_pairs(rows, args, row_ids)
+            skipped += len(bad)
+            try:
+                bad_examples.update([(row_id, reason) for row_id, reason, _ in bad], num_seen=num_rows)
+            except DataError as error:
+                raise SystemExit(f"error: {error}") from None
             if not rows:
                 continue
             scores_0, scores_1 = scorers.score_pairs(images_0, images_1, [r[args.caption_column] for r in rows])
@@ -2326,7 +2407,7 @@ def cmd_calibrate(args):
         )
     print(
         f"\n{int(known.sum())} pairs with a human label ({int((known & (human_np == 0.5)).sum())} ties as 0.5 targets); "
-        f"{skipped} pair(s) skipped for undecodable images"
+        f"{skipped} pair(s) skipped as unusable (undecodable image, empty caption or invalid label)"
     )
     print("accuracy: share of decisive human pairs where the metric prefers the same image (a temperature does not")
     print(

@@ -28,7 +28,6 @@ import gc
 import logging
 import math
 import os
-import signal
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -274,6 +273,15 @@ def parse_args(input_args=None):
     group.add_argument("--train_data_dir", type=str, default=None, help="A local folder of data files instead.")
     group.add_argument("--dataset_split_name", type=str, default="train", help="The split to train on.")
     group.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it.")
+    group.add_argument(
+        "--streaming_split",
+        type=str,
+        default="rows",
+        choices=["rows", "shards"],
+        help="How a stream is shared by processes x DataLoader workers: each reads the whole stream and keeps every"
+        " N-th row ('rows': equal shares, fine for local data), or reads whole data files of its own ('shards': each"
+        " file is downloaded once; needs at least as many files as readers).",
+    )
     group.add_argument("--caption_column", type=str, default="caption")
     group.add_argument("--image_0_column", type=str, default="jpg_0")
     group.add_argument("--image_1_column", type=str, default="jpg_1")
@@ -839,17 +847,19 @@ def main(args):
     def save_model_hook(models, weights, output_dir):
         for model in models:
             unwrapped = accelerator.unwrap_model(model)
+            # Checked on every process, so that all of them stop together instead of waiting for the main one.
+            lora_state = balanced_dpo.adapter_state_dict(unwrapped, balanced_dpo.POLICY_ADAPTER)
+            balanced_dpo.check_finite_lora(lora_state, f"The LoRA of {os.path.basename(output_dir)}")
             if accelerator.is_main_process:
                 StableDiffusionXLPipeline.save_lora_weights(
-                    output_dir,
-                    unet_lora_layers=balanced_dpo.adapter_state_dict(unwrapped, balanced_dpo.POLICY_ADAPTER),
-                    unet_lora_adapter_metadata=lora_metadata,
+                    output_dir, unet_lora_layers=lora_state, unet_lora_adapter_metadata=lora_metadata
                 )
                 if dynamic_reference:
                     balanced_dpo.save_reference_adapter(unwrapped, output_dir)
                 balanced_dpo.save_run_state(output_dir, progress, bad_examples, generator, labeler)
             if weights:
                 weights.pop()
+        balanced_dpo.save_generator_state(output_dir, generator, accelerator.process_index)
 
     def load_model_hook(models, input_dir):
         while models:
@@ -861,7 +871,9 @@ def main(args):
             if accelerator.mixed_precision in ("fp16", "bf16"):
                 cast_training_params(unwrapped, dtype=torch.float32)
             balanced_dpo.freeze_all_but_policy(unwrapped)
-        balanced_dpo.load_run_state(input_dir, progress, bad_examples, generator, labeler)
+        balanced_dpo.load_run_state(
+            input_dir, progress, bad_examples, generator, labeler, process_index=accelerator.process_index
+        )
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -905,7 +917,11 @@ def main(args):
     }
     if args.streaming:
         pairs = preference_data.StreamingPreferencePairs(
-            train_dataset, rank=accelerator.process_index, world_size=accelerator.num_processes, **dataset_kwargs
+            train_dataset,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            split_by=args.streaming_split,
+            **dataset_kwargs,
         )
     else:
         pairs = preference_data.PreferencePairs(train_dataset, **dataset_kwargs)
@@ -924,8 +940,6 @@ def main(args):
     )
 
     if args.streaming:
-        if args.max_train_steps is None:
-            raise ValueError("--streaming needs --max_train_steps (the dataset length is unknown).")
         num_update_steps_per_epoch = None
     else:
         num_update_steps_per_epoch = math.ceil(
@@ -976,12 +990,7 @@ def main(args):
         accelerator.load_state(resume_path)
 
     # SIGTERM/SIGINT (preemption, Ctrl-C): finish the current optimizer step, save a checkpoint, exit cleanly.
-    stop_request = {"signal": None}
-
-    def request_stop(signum, frame):
-        stop_request["signal"] = signum
-
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    graceful_stop = balanced_dpo.GracefulStop()
 
     validation_prompts = balanced_dpo.read_validation_prompts(args.validation_prompts)
     progress_bar = tqdm(
@@ -995,125 +1004,128 @@ def main(args):
     unet.train()
     interrupted = False
 
-    while progress.global_step < args.max_train_steps and not interrupted:
-        epoch = progress.epoch
-        pairs.set_epoch(epoch)
-        if hasattr(train_dataloader, "set_epoch"):
-            train_dataloader.set_epoch(epoch)
-        epoch_loader = train_dataloader
-        if progress.batches_in_epoch > 0 and not args.streaming:
-            epoch_loader = accelerator.skip_first_batches(train_dataloader, progress.batches_in_epoch)
-        elif progress.batches_in_epoch > 0:
-            # Skips the rows already trained on without decoding them; the batch order stays the same.
-            pairs.skip_batches(progress.batches_in_epoch, args.train_batch_size)
-        for batch in epoch_loader:
-            progress.batches_in_epoch += 1
-            bad_examples.update(
-                batch["bad_examples"], num_seen=batch["num_rows"], num_skipped=batch["skipped_examples"]
-            )
+    with graceful_stop:
+        while progress.global_step < args.max_train_steps and not interrupted:
+            epoch = progress.epoch
+            pairs.set_epoch(epoch)
+            if hasattr(train_dataloader, "set_epoch"):
+                train_dataloader.set_epoch(epoch)
+            epoch_loader = train_dataloader
+            if progress.batches_in_epoch > 0 and not args.streaming:
+                epoch_loader = accelerator.skip_first_batches(train_dataloader, progress.batches_in_epoch)
+            elif progress.batches_in_epoch > 0:
+                # Skips the rows already trained on without decoding them; the batch order stays the same.
+                pairs.skip_batches(progress.batches_in_epoch, args.train_batch_size)
+            for batch in epoch_loader:
+                progress.batches_in_epoch += 1
+                balanced_dpo.record_bad_examples(accelerator, bad_examples, batch)
 
-            # 1. Consensus label for every pair of the batch.
-            label, prob, keep = balanced_dpo.consensus_for_batch(
-                args, accelerator, batch, scorer_set, labeler, metrics
-            )
-            if balanced_dpo.no_pairs_on_some_process(accelerator, keep):
-                progress.skipped_batches += 1
-                continue  # skipped on every process alike, without touching the optimizer
-
-            # 2. Diffusion-DPO on the kept pairs, winner first.
-            with accelerator.accumulate(unet):
-                loss = dpo_step(
-                    args,
-                    accelerator,
-                    batch,
-                    label,
-                    prob,
-                    keep,
-                    unet,
-                    unwrapped_unet,
-                    vae,
-                    prompt_encoder,
-                    noise_scheduler,
-                    weight_dtype,
-                    dynamic_reference,
-                    metrics,
-                    generator,
+                # 1. Consensus label for every pair of the batch.
+                label, prob, keep = balanced_dpo.consensus_for_batch(
+                    args, accelerator, batch, scorer_set, labeler, metrics
                 )
-                finite = torch.isfinite(loss.detach()).float()
-                if accelerator.num_processes > 1:
-                    finite = accelerator.reduce(finite.to(accelerator.device), "min")
-                if finite.item() > 0:
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
-                        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                            finite = torch.zeros(())
-                if finite.item() > 0:
-                    optimizer.step()
-                    lr_scheduler.step()
-                else:
-                    progress.nonfinite_steps += 1
-                    logger.warning(f"Non-finite loss or gradient at step {progress.global_step}; step skipped.")
-                    if progress.nonfinite_steps >= args.max_nonfinite_steps:
-                        raise RuntimeError(
-                            f"{progress.nonfinite_steps} non-finite steps in a row. Lower --learning_rate or --beta_dpo,"
-                            " use --mixed_precision bf16 instead of fp16, or drop --pretrained_vae_model_name_or_path"
-                            " if that VAE is not fp16-safe. The last checkpoint is intact."
-                        )
-                optimizer.zero_grad(set_to_none=True)
+                if balanced_dpo.no_pairs_on_some_process(accelerator, keep):
+                    progress.skipped_batches += 1
+                    continue  # skipped on every process alike, without touching the optimizer
 
-            if accelerator.sync_gradients:
-                if finite.item() > 0:
-                    progress.nonfinite_steps = 0
-                progress.global_step += 1
-                progress_bar.update(1)
-                if dynamic_reference and progress.global_step % args.ref_update_steps == 0:
-                    balanced_dpo.update_reference_adapter(unwrapped_unet, args.ref_update_mode, args.ref_ema_decay)
-
-                metrics.step_seconds = time.perf_counter() - step_start
-                logs = metrics.reduce(accelerator)
-                logs["lr"] = lr_scheduler.get_last_lr()[0]
-                logs["bad_examples"] = bad_examples.num_bad
-                logs["skipped_batches"] = progress.skipped_batches
-                accelerator.log(logs, step=progress.global_step)
-                progress_bar.set_postfix(
-                    loss=f"{logs.get('loss', float('nan')):.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}"
-                )
-                metrics.reset()
-                step_start = time.perf_counter()
-
-                if stop_request["signal"] is not None or progress.global_step % args.checkpointing_steps == 0:
-                    balanced_dpo.save_checkpoint(
-                        accelerator, args.output_dir, progress.global_step, args.checkpoints_total_limit, logger
+                # 2. Diffusion-DPO on the kept pairs, winner first.
+                with accelerator.accumulate(unet):
+                    loss = dpo_step(
+                        args,
+                        accelerator,
+                        batch,
+                        label,
+                        prob,
+                        keep,
+                        unet,
+                        unwrapped_unet,
+                        vae,
+                        prompt_encoder,
+                        noise_scheduler,
+                        weight_dtype,
+                        dynamic_reference,
+                        metrics,
+                        generator,
                     )
-                if stop_request["signal"] is not None:
-                    logger.info(f"Received signal {stop_request['signal']}: checkpoint saved, exiting.")
-                    interrupted = True
-                    break
-                if validation_prompts and progress.global_step % args.validation_steps == 0:
-                    if accelerator.is_main_process:
-                        log_validation(
-                            args,
-                            accelerator,
-                            unet,
-                            vae,
-                            text_encoders,
-                            weight_dtype,
-                            progress.global_step,
-                            validation_prompts,
-                            scorer_set if args.score_validation else None,
-                        )
-                    accelerator.wait_for_everyone()
-                if progress.global_step >= args.max_train_steps:
-                    break
-        else:
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
-            if args.streaming and progress.global_step == 0 and progress.skipped_batches == 0:
-                raise ValueError("The streaming dataset yielded no usable pairs.")
+                    finite = torch.isfinite(loss.detach()).float()
+                    if accelerator.num_processes > 1:
+                        finite = accelerator.reduce(finite.to(accelerator.device), "min")
+                    if finite.item() > 0:
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            grad_norm = accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
+                            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                                finite = torch.zeros(())
+                    if finite.item() > 0:
+                        optimizer.step()
+                        lr_scheduler.step()
+                    else:
+                        progress.nonfinite_steps += 1
+                        logger.warning(f"Non-finite loss or gradient at step {progress.global_step}; step skipped.")
+                        if progress.nonfinite_steps >= args.max_nonfinite_steps:
+                            raise RuntimeError(
+                                f"{progress.nonfinite_steps} non-finite steps in a row. Lower --learning_rate or --beta_dpo,"
+                                " use --mixed_precision bf16 instead of fp16, or drop --pretrained_vae_model_name_or_path"
+                                " if that VAE is not fp16-safe. The last checkpoint is intact."
+                            )
+                    optimizer.zero_grad(set_to_none=True)
 
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
+                if accelerator.sync_gradients:
+                    if finite.item() > 0:
+                        progress.nonfinite_steps = 0
+                    progress.global_step += 1
+                    progress_bar.update(1)
+                    if dynamic_reference and progress.global_step % args.ref_update_steps == 0:
+                        balanced_dpo.update_reference_adapter(unwrapped_unet, args.ref_update_mode, args.ref_ema_decay)
+
+                    metrics.step_seconds = time.perf_counter() - step_start
+                    logs = metrics.reduce(accelerator)
+                    logs["lr"] = lr_scheduler.get_last_lr()[0]
+                    logs["bad_examples"] = bad_examples.num_bad
+                    logs["skipped_batches"] = progress.skipped_batches
+                    accelerator.log(logs, step=progress.global_step)
+                    progress_bar.set_postfix(
+                        loss=f"{logs.get('loss', float('nan')):.4f}",
+                        acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
+                    )
+                    metrics.reset()
+                    step_start = time.perf_counter()
+
+                    # A stop on the last step simply finishes the run (and writes the final LoRA).
+                    stopping = graceful_stop.requested(accelerator) and progress.global_step < args.max_train_steps
+                    if stopping or progress.global_step % args.checkpointing_steps == 0:
+                        balanced_dpo.save_checkpoint(
+                            accelerator, args.output_dir, progress.global_step, args.checkpoints_total_limit, logger
+                        )
+                    if stopping:
+                        logger.info(
+                            f"Stopping on a signal at step {progress.global_step}: checkpoint saved. Resume with"
+                            " --resume_from_checkpoint latest."
+                        )
+                        interrupted = True
+                        break
+                    if validation_prompts and progress.global_step % args.validation_steps == 0:
+                        if accelerator.is_main_process:
+                            log_validation(
+                                args,
+                                accelerator,
+                                unet,
+                                vae,
+                                text_encoders,
+                                weight_dtype,
+                                progress.global_step,
+                                validation_prompts,
+                                scorer_set if args.score_validation else None,
+                            )
+                        accelerator.wait_for_everyone()
+                    if progress.global_step >= args.max_train_steps:
+                        break
+            else:
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
+                if args.streaming and progress.global_step == 0 and progress.skipped_batches == 0:
+                    raise ValueError("The streaming dataset yielded no usable pairs.")
+
     accelerator.wait_for_everyone()
     if interrupted:
         accelerator.end_training()
@@ -1123,9 +1135,7 @@ def main(args):
     lora_path = None
     if accelerator.is_main_process:
         lora_state = balanced_dpo.adapter_state_dict(unwrapped_unet, balanced_dpo.POLICY_ADAPTER)
-        bad_keys = [k for k, v in lora_state.items() if not torch.isfinite(v).all()]
-        if bad_keys:
-            raise RuntimeError(f"The trained LoRA has non-finite values ({bad_keys[:3]}...); it was not written.")
+        balanced_dpo.check_finite_lora(lora_state, "The trained LoRA")
         StableDiffusionXLPipeline.save_lora_weights(
             args.output_dir, unet_lora_layers=lora_state, unet_lora_adapter_metadata=lora_metadata
         )
