@@ -455,6 +455,17 @@ class GracefulStop:
         return flag.item() > 0
 
 
+def ignore_stop_signals(worker_id=None):
+    """`worker_init_fn` of the DataLoaders: workers leave SIGTERM/SIGINT to the main process.
+
+    Schedulers (and Ctrl-C in a terminal) signal every process of a job. A DataLoader worker killed by the signal
+    makes PyTorch raise in the main process at once, before it could save its checkpoint; the main process shuts its
+    workers down itself when it exits.
+    """
+    for sig in GracefulStop.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def record_bad_examples(accelerator, tracker, batch):
     """Counts and logs the bad rows of this micro-batch on every process, then applies `--max_bad_examples`.
 

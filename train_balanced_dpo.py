@@ -632,6 +632,7 @@ def main(args):
         shuffle=not args.streaming,
         collate_fn=preference_data.PairCollator(TokenizeCaptions(tokenizer), resolution=args.resolution),
         num_workers=args.dataloader_num_workers,
+        worker_init_fn=balanced_dpo.ignore_stop_signals,
         drop_last=False,
         # Its own generator, so creating an iterator never draws from the global RNG.
         generator=torch.Generator().manual_seed(args.seed if args.seed is not None else 0),

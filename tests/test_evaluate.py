@@ -321,7 +321,7 @@ def test_synthetic_experiment_quick(tmp_path):
         os.path.join(ROOT, "examples", "synthetic_experiment.py"),
         "--quick",
         "--modes",
-        "majority,reward_sum,single:brightness",
+        "majority,single:brightness",
         "--output_dir",
         str(output_dir),
         "--num_threads",
@@ -331,7 +331,7 @@ def test_synthetic_experiment_quick(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     summary = json.loads((output_dir / "results.json").read_text())["summary"]
-    assert list(summary) == ["majority", "reward_sum", "single:brightness"]
+    assert list(summary) == ["majority", "single:brightness"]
     for row in summary.values():
         assert set(row["metrics"]) == {"brightness", "colorfulness", "centering"}
         for rate, low, high in list(row["metrics"].values()) + [row["average"]]:
@@ -346,6 +346,6 @@ def test_synthetic_experiment_quick(tmp_path):
             json.loads(line)["scores_b"]
             for line in (output_dir / "eval" / mode / "scores.jsonl").read_text().splitlines()
         ]
-        for mode in ("majority", "reward_sum")
+        for mode in ("majority", "single-brightness")
     ]
     assert base_scores[0] == base_scores[1]

@@ -449,12 +449,18 @@ def wait_for(predicate, process, timeout=300):
 def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resume_equals_uninterrupted(tiny_assets_dir, tmp_path):
     script = os.path.join(REPO_ROOT, SCRIPTS["sd"])
     straight_dir, interrupted_dir = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    common = ("--seed", "0", "--report_to", "none", "--train_batch_size", "2")
+    common = ("--seed", "0", "--report_to", "none", "--train_batch_size", "2", "--dataloader_num_workers", "1")
 
     def start(output_dir, *extra):
         command = [sys.executable, script, *base_args(tiny_assets_dir, "sd", output_dir, *common, *extra)]
         return subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(), cwd=REPO_ROOT
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=script_env(),
+            cwd=REPO_ROOT,
+            start_new_session=True,  # a process group of its own, to signal it as a scheduler does
         )
 
     # The uninterrupted run and the one to interrupt run side by side.
@@ -462,7 +468,9 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resume_equals_uninterrupte
     interrupted = start(interrupted_dir, "--max_train_steps", "40", "--checkpointing_steps", "2")
     appeared = wait_for(lambda: balanced_dpo.list_checkpoints(interrupted_dir), interrupted)
     assert appeared, f"no checkpoint appeared:\n{interrupted.communicate()[1][-5000:]}"
-    interrupted.send_signal(signal.SIGTERM)
+    # Like a scheduler's preemption (or Ctrl-C in a terminal), the signal reaches every process of the run, the
+    # DataLoader worker included.
+    os.killpg(interrupted.pid, signal.SIGTERM)
     _, stderr = interrupted.communicate(timeout=300)
     assert interrupted.returncode == 0, f"exit code {interrupted.returncode} after SIGTERM:\n{stderr[-5000:]}"
     match = re.search(r"Stopping on a signal at step (\d+): checkpoint saved", stderr)
