@@ -1,5 +1,6 @@
 """Unit tests of the shared training core: loss, winner/loser ordering, reference adapter, checkpoints, arguments."""
 
+import contextlib
 import math
 import os
 
@@ -134,6 +135,150 @@ def test_reference_context_restores_even_on_error():
         with balanced_dpo.reference_model(unet, True):
             raise RuntimeError("boom")
     assert {n for n, p in unet.named_parameters() if p.requires_grad} == names
+    assert unet.active_adapters() == [balanced_dpo.POLICY_ADAPTER]
+
+
+def randomize_lora(unet, adapter, seed):
+    """Gives the adapter non-zero, seed-dependent LoRA factors (gaussian init leaves lora_B at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name and f".{adapter}." in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+
+
+def grad_flags(unet):
+    return {name: p.requires_grad for name, p in unet.named_parameters()}
+
+
+def diffusers_output(unet, inputs, switch):
+    """The UNet's output with adapters switched by diffusers' own API, then back to the policy."""
+    switch(unet)
+    with torch.no_grad():
+        out = unet(*inputs).sample
+    unet.enable_adapters()
+    unet.set_adapter(balanced_dpo.POLICY_ADAPTER)
+    balanced_dpo.freeze_all_but_policy(unet)  # diffusers' switches flip requires_grad
+    return out
+
+
+def assert_policy_restored(unet, inputs, policy_out, flags, whole_policy_trainable=True):
+    torch.testing.assert_close(unet(*inputs).sample, policy_out, rtol=0, atol=0)
+    assert grad_flags(unet) == flags
+    if whole_policy_trainable:
+        assert {n for n, f in flags.items() if f} == {
+            n for n in flags if "lora_" in n and f".{balanced_dpo.POLICY_ADAPTER}." in n
+        }
+    assert unet.active_adapters() == [balanced_dpo.POLICY_ADAPTER]
+
+
+def reference_case(dynamic):
+    """(unet, inputs, policy output, reference output by diffusers' API, grad flags) with distinct adapters."""
+    unet, _ = make_unet_like(dynamic)
+    randomize_lora(unet, balanced_dpo.POLICY_ADAPTER, seed=2)
+    if dynamic:
+        randomize_lora(unet, balanced_dpo.REFERENCE_ADAPTER, seed=3)
+        switch = lambda u: u.set_adapter(balanced_dpo.REFERENCE_ADAPTER)  # noqa: E731
+    else:
+        switch = lambda u: u.disable_adapters()  # noqa: E731
+    inputs = unet_inputs()
+    expected = diffusers_output(unet, inputs, switch)
+    policy_out = unet(*inputs).sample
+    return unet, inputs, policy_out, expected, grad_flags(unet)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_reference_model_matches_diffusers_adapter_switch(dynamic):
+    unet, inputs, policy_out, expected, flags = reference_case(dynamic)
+    assert not torch.allclose(policy_out, expected, atol=1e-4)
+    for _ in range(2):  # the second use runs from the cached layer list
+        with balanced_dpo.reference_model(unet, dynamic):
+            ref_out = unet(*inputs).sample
+            assert not ref_out.requires_grad
+        torch.testing.assert_close(ref_out, expected, rtol=0, atol=0)
+        assert_policy_restored(unet, inputs, policy_out, flags)
+    if dynamic:
+        base_out = diffusers_output(unet, inputs, lambda u: u.disable_adapters())
+        assert not torch.allclose(ref_out, base_out, atol=1e-4), "the reference adapter must not be the base model"
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_reference_model_restores_policy_after_an_error(dynamic):
+    unet, inputs, policy_out, expected, flags = reference_case(dynamic)
+    with pytest.raises(RuntimeError, match="boom"):
+        with balanced_dpo.reference_model(unet, dynamic):
+            torch.testing.assert_close(unet(*inputs).sample, expected, rtol=0, atol=0)
+            raise RuntimeError("boom")
+    assert_policy_restored(unet, inputs, policy_out, flags)
+
+
+def test_reference_model_does_not_walk_the_unet_once_cached(monkeypatch):
+    unet, inputs, policy_out, expected, flags = reference_case(True)
+    with balanced_dpo.reference_model(unet, True):
+        pass
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("walked the whole UNet on a cached switch")
+
+    for walk in ("modules", "named_modules", "parameters", "named_parameters"):
+        monkeypatch.setattr(unet, walk, forbidden)
+    with balanced_dpo.reference_model(unet, True):
+        ref_out = unet(*inputs).sample
+    monkeypatch.undo()
+    torch.testing.assert_close(ref_out, expected, rtol=0, atol=0)
+    assert_policy_restored(unet, inputs, policy_out, flags)
+
+
+def test_reference_model_sees_an_adapter_added_after_first_use():
+    import copy
+
+    from peft import LoraConfig
+
+    unet, _ = make_unet_like(False)
+    randomize_lora(unet, balanced_dpo.POLICY_ADAPTER, seed=2)
+    with balanced_dpo.reference_model(unet, False):
+        pass
+    # The new adapter also covers to_v, so it brings LoRA layers the first use never saw.
+    config = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"])
+    unet.add_adapter(copy.deepcopy(config), adapter_name=balanced_dpo.REFERENCE_ADAPTER)
+    randomize_lora(unet, balanced_dpo.REFERENCE_ADAPTER, seed=3)
+    unet.set_adapter(balanced_dpo.POLICY_ADAPTER)
+    balanced_dpo.freeze_all_but_policy(unet)
+    inputs = unet_inputs()
+    policy_out = unet(*inputs).sample
+    flags = grad_flags(unet)
+    for dynamic, switch in ((True, lambda u: u.set_adapter(balanced_dpo.REFERENCE_ADAPTER)), (False, None)):
+        expected = diffusers_output(unet, inputs, switch or (lambda u: u.disable_adapters()))
+        with balanced_dpo.reference_model(unet, dynamic):
+            ref_out = unet(*inputs).sample
+        torch.testing.assert_close(ref_out, expected, rtol=0, atol=0)
+        assert_policy_restored(unet, inputs, policy_out, flags)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_reference_model_through_peft_methods_restores_grad_flags(monkeypatch, dynamic):
+    """Layer types that override peft's switches go through them; their requires_grad flips are undone."""
+    monkeypatch.setattr(balanced_dpo, "_switches_directly", lambda layer: False)
+    unet, inputs, policy_out, expected, flags = reference_case(dynamic)
+    # A frozen policy weight, which peft's set_adapter / enable_adapters would make trainable again.
+    frozen = next(n for n in flags if "lora_A" in n and f".{balanced_dpo.POLICY_ADAPTER}." in n)
+    unet.get_parameter(frozen).requires_grad_(False)
+    flags[frozen] = False
+    for fail in (False, True):
+        with contextlib.suppress(RuntimeError):
+            with balanced_dpo.reference_model(unet, dynamic):
+                ref_out = unet(*inputs).sample
+                if fail:
+                    raise RuntimeError("boom")
+        torch.testing.assert_close(ref_out, expected, rtol=0, atol=0)
+        assert_policy_restored(unet, inputs, policy_out, flags, whole_policy_trainable=False)
+
+
+def test_reference_model_requires_the_adapters():
+    unet, _ = make_unet_like(False)
+    with pytest.raises(ValueError, match="reference"):
+        with balanced_dpo.reference_model(unet, True):
+            pass
     assert unet.active_adapters() == [balanced_dpo.POLICY_ADAPTER]
 
 
