@@ -29,6 +29,7 @@ Command line:
 """
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -697,6 +698,8 @@ class Scorer:
             raise ValueError(f"weight must be >= 0, got {weight}.")
         self.cache = cache
         self.model_pool = model_pool if model_pool is not None else {}
+        # Set by ScorerSet(cuda_graphs=True): forwards replay CUDA graphs (see CUDAGraphRunner).
+        self.graphs: Optional[CUDAGraphRunner] = None
         self.preprocessor: Optional[Callable] = None
         self._preprocess_key: Optional[str] = None
         self._identity: Dict[str, Any] = {}
@@ -757,14 +760,27 @@ class Scorer:
     def score(self, images, prompts, context: Optional[ScoreContext] = None) -> torch.Tensor:
         """Scores images (a list of PIL images, the preprocessed tensor, or a dict from a MultiPreprocessor) against
         their prompts (one per image, or one string for all). Returns a float32 CPU tensor [N]."""
+        return self.score_on_device(images, prompts, context).cpu().clone()
+
+    def score_on_device(self, images, prompts, context: Optional[ScoreContext] = None) -> torch.Tensor:
+        """As `score`, but without waiting for the device: a float32 tensor [N] on the scorer's device (on the CPU
+        when a cache is used, which needs the values), so a ScorerSet copies every metric to the host at once."""
         pixel_values = self._pixel_values(images)
         prompts = _as_prompt_list(prompts, len(pixel_values))
         context = context if context is not None else ScoreContext()
         n = len(prompts)
+        if n == 0:
+            return torch.zeros(0)
+        if self.cache is None:
+            with torch.inference_mode():
+                computed = self._score_pixels(pixel_values, prompts, context).detach().float().reshape(-1)
+            if computed.numel() != n:
+                raise RuntimeError(f"Scorer '{self.name}' returned {computed.numel()} scores for {n} images.")
+            return computed
         values = [None] * n
         rows = list(range(n))
         keys = None
-        if self.cache is not None and n:
+        if self.cache is not None:
             hashes = context.row_hashes(pixel_values)
             keys = [(self.cache_id, h, "" if self.prompt_free else p) for h, p in zip(hashes, prompts)]
             first_row = {}
@@ -807,6 +823,102 @@ class Scorer:
             f"{type(self).__name__}(name={self.name!r}, temperature={self.temperature:.4g}, weight={self.weight}, "
             f"device={self.device}, dtype={_dtype_name(self.dtype)})"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA graphs for frozen scorer forwards
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CUDAGraphRunner:
+    """Replays CUDA graphs of frozen forwards (one graph per function and input shape) instead of launching kernels.
+
+    A CLIP forward is about a thousand small kernels: inside a training step the host time to launch them costs more
+    than the GPU work itself. A replayed graph launches them at once. Inputs are copied into the graph's static
+    buffers and outputs cloned out, so results equal the eager forward. Used only for models that stay on one CUDA
+    device (never with offloading); if a forward cannot be captured, all forwards run eagerly from then on, with a
+    warning.
+    Graphs share one memory pool; that is safe because replays never run concurrently and outputs are cloned.
+    """
+
+    def __init__(self, max_graphs: int = 64, warmup_runs: int = 2):
+        self.max_graphs = max_graphs
+        self.warmup_runs = warmup_runs
+        self._graphs: Dict[tuple, tuple] = {}
+        self.disabled = False
+        self._pool = None
+
+    def __len__(self):
+        return len(self._graphs)
+
+    def __call__(self, name: str, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        if not inputs[0].is_cuda or self.disabled:
+            return fn(*inputs)
+        key = (name,) + tuple((tuple(x.shape), x.dtype, x.device) for x in inputs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                return fn(*inputs)
+            entry = self._capture(name, key, fn, inputs)
+            if entry is None:
+                return fn(*inputs)
+        graph, static_inputs, static_output = entry
+        for static, x in zip(static_inputs, inputs):
+            static.copy_(x, non_blocking=True)
+        graph.replay()
+        return static_output.clone()
+
+    def _capture(self, name, key, fn, inputs):
+        device = inputs[0].device
+        static_inputs = [x.clone() for x in inputs]
+        current = torch.cuda.current_stream(device)
+        warmup = torch.cuda.Stream(device=device)
+        warmup.wait_stream(current)
+        try:
+            # Lazy initialisation (cuBLAS handles, autotuning) must happen outside the capture.
+            with torch.cuda.stream(warmup):
+                for _ in range(self.warmup_runs):
+                    fn(*static_inputs)
+            current.wait_stream(warmup)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a DataLoader pin-memory thread may allocate while we capture.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                static_output = fn(*static_inputs)
+        except Exception as error:  # noqa: BLE001 - any capture failure falls back to the eager forward
+            # A failed capture leaves the allocator's graph pool unusable for later captures, so from here on every
+            # forward of this runner runs eagerly (eager forwards are unaffected).
+            self.disabled = True
+            torch.cuda.synchronize(device)
+            logger.warning(
+                f"Scorer forward {name} cannot be captured in a CUDA graph ({str(error).splitlines()[0]}); scorer"
+                " forwards run eagerly (as with --no_scorer_cuda_graphs)."
+            )
+            return None
+        self._graphs[key] = (graph, static_inputs, static_output)
+        return self._graphs[key]
+
+
+def _run_forward(graphs: Optional[CUDAGraphRunner], name: str, fn: Callable[..., torch.Tensor], *inputs):
+    return graphs(name, fn, *inputs) if graphs is not None else fn(*inputs)
+
+
+def _prompt_bucket(count: int, batch_size: int) -> int:
+    """Number of text rows to run for `count` prompts under CUDA graphs: the next power of two (at most
+    `batch_size`), so a few graphs serve every batch whatever its number of distinct prompts."""
+    return min(batch_size, 1 << max(count - 1, 0).bit_length())
+
+
+def _padded_prompt_chunks(prompts: List[str], batch_size: int, bucket: bool):
+    """Chunks of at most `batch_size` prompts, each padded (with its last prompt) to its bucket size when `bucket`.
+    Yields (chunk, number of real prompts)."""
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        real = len(chunk)
+        if bucket:
+            chunk = chunk + [chunk[-1]] * (_prompt_bucket(real, batch_size) - real)
+        yield chunk, real
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -853,13 +965,18 @@ def _load_clip(scorer: Scorer, metric: str, path: str, processor_path: str):
     return scorer.model_pool[key]
 
 
-def _clip_image_embeds(context: ScoreContext, model, pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _clip_image_embeds(
+    context: ScoreContext, model, pixel_values: torch.Tensor, batch_size: int, graphs: Optional[CUDAGraphRunner] = None
+) -> torch.Tensor:
     """Projected CLIP image embeddings (float32), computed once per model and input tensor within a call."""
+
+    def forward(chunk):
+        return _features(model.get_image_features(pixel_values=chunk)).float()
 
     def compute():
         device, dtype = _module_device_dtype(model)
         chunks = [
-            _features(model.get_image_features(pixel_values=chunk.to(device=device, dtype=dtype))).float()
+            _run_forward(graphs, f"clip_image:{id(model)}", forward, chunk.to(device=device, dtype=dtype))
             for chunk in pixel_values.split(batch_size)
         ]
         return torch.cat(chunks)
@@ -873,28 +990,38 @@ def _unique(prompts: List[str]):
     return unique, [position[p] for p in prompts]
 
 
-def _clip_text_embeds(context: ScoreContext, model, tokenizer, prompts: List[str], batch_size: int) -> torch.Tensor:
-    """Projected CLIP text embeddings (float32) of each prompt, each unique prompt encoded once per call."""
+def _clip_text_embeds(
+    context: ScoreContext, model, tokenizer, prompts: List[str], batch_size: int, graphs=None
+) -> torch.Tensor:
+    """Projected CLIP text embeddings (float32) of each prompt, each unique prompt encoded once per call.
+
+    Under CUDA graphs the tokens are padded to the full context (77) without an attention mask, so shapes stay fixed:
+    CLIP's text encoder is causal and pools at the first end-of-text token, so padding after it changes nothing.
+    """
     unique, index = _unique(prompts)
+
+    def forward(input_ids):
+        return _features(model.get_text_features(input_ids=input_ids)).float()
 
     def compute():
         device, _ = _module_device_dtype(model)
         max_length = min(int(getattr(tokenizer, "model_max_length", 77) or 77), 77)
         chunks = []
-        for start in range(0, len(unique), batch_size):
-            tokens = tokenizer(
-                unique[start : start + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
+        for chunk, real in _padded_prompt_chunks(unique, batch_size, bucket=graphs is not None):
+            if graphs is not None:
+                tokens = tokenizer(
+                    chunk, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+                )
+                input_ids = tokens["input_ids"].to(device, non_blocking=True)
+                chunks.append(_run_forward(graphs, f"clip_text:{id(model)}", forward, input_ids)[:real])
+                continue
+            tokens = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             tokens = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
             chunks.append(_features(model.get_text_features(**tokens)).float())
         return torch.cat(chunks)
 
     embeds = context.get(("clip_text", id(model), id(tokenizer), tuple(unique)), compute)
-    return embeds[torch.tensor(index, device=embeds.device)]
+    return embeds[torch.tensor(index).to(embeds.device, non_blocking=True)]
 
 
 class LinearStack(nn.Module):
@@ -950,8 +1077,12 @@ class PickScoreScorer(Scorer):
         return [self.model]
 
     def _score_pixels(self, pixel_values, prompts, context):
-        image = F.normalize(_clip_image_embeds(context, self.model, pixel_values, self.batch_size), dim=-1)
-        text = F.normalize(_clip_text_embeds(context, self.model, self.tokenizer, prompts, self.batch_size), dim=-1)
+        image = F.normalize(
+            _clip_image_embeds(context, self.model, pixel_values, self.batch_size, self.graphs), dim=-1
+        )
+        text = F.normalize(
+            _clip_text_embeds(context, self.model, self.tokenizer, prompts, self.batch_size, self.graphs), dim=-1
+        )
         return self.model.logit_scale.float().exp() * (image * text).sum(-1)
 
 
@@ -975,8 +1106,12 @@ class CLIPScorer(Scorer):
         return [self.model]
 
     def _score_pixels(self, pixel_values, prompts, context):
-        image = F.normalize(_clip_image_embeds(context, self.model, pixel_values, self.batch_size), dim=-1)
-        text = F.normalize(_clip_text_embeds(context, self.model, self.tokenizer, prompts, self.batch_size), dim=-1)
+        image = F.normalize(
+            _clip_image_embeds(context, self.model, pixel_values, self.batch_size, self.graphs), dim=-1
+        )
+        text = F.normalize(
+            _clip_text_embeds(context, self.model, self.tokenizer, prompts, self.batch_size, self.graphs), dim=-1
+        )
         return 100.0 * (image * text).sum(-1)
 
 
@@ -1015,7 +1150,9 @@ class AestheticScorer(Scorer):
         return [self.model, self.head]
 
     def _score_pixels(self, pixel_values, prompts, context):
-        embeds = F.normalize(_clip_image_embeds(context, self.model, pixel_values, self.batch_size), dim=-1)
+        embeds = F.normalize(
+            _clip_image_embeds(context, self.model, pixel_values, self.batch_size, self.graphs), dim=-1
+        )
         device, dtype = _module_device_dtype(self.head)
         return self.head(embeds.to(device=device, dtype=dtype)).float().reshape(-1)
 
@@ -1099,9 +1236,15 @@ class HPSv2Scorer(Scorer):
         model = self.model
         device, dtype = _module_device_dtype(model)
 
+        def encode_image(chunk):
+            return model.encode_image(chunk).float()
+
+        def encode_text(tokens):
+            return model.encode_text(tokens).float()
+
         def image_features():
             chunks = [
-                model.encode_image(chunk.to(device=device, dtype=dtype)).float()
+                _run_forward(self.graphs, f"open_clip_image:{id(model)}", encode_image, chunk.to(device, dtype))
                 for chunk in pixel_values.split(self.batch_size)
             ]
             return torch.cat(chunks)
@@ -1109,15 +1252,16 @@ class HPSv2Scorer(Scorer):
         unique, index = _unique(prompts)
 
         def text_features():
-            chunks = [
-                model.encode_text(self.tokenizer(unique[i : i + self.batch_size]).to(device)).float()
-                for i in range(0, len(unique), self.batch_size)
-            ]
+            # open_clip's tokenizer always pads to the full context, so only the batch is bucketed for graphs.
+            chunks = []
+            for chunk, real in _padded_prompt_chunks(unique, self.batch_size, bucket=self.graphs is not None):
+                tokens = self.tokenizer(chunk).to(device, non_blocking=True)
+                chunks.append(_run_forward(self.graphs, f"open_clip_text:{id(model)}", encode_text, tokens)[:real])
             return torch.cat(chunks)
 
         image = F.normalize(context.get(("open_clip_image", id(model), id(pixel_values)), image_features), dim=-1)
         text = F.normalize(context.get(("open_clip_text", id(model), tuple(unique)), text_features), dim=-1)
-        text = text[torch.tensor(index, device=text.device)]
+        text = text[torch.tensor(index).to(text.device, non_blocking=True)]
         return (image * text).sum(-1)
 
 
@@ -1309,16 +1453,54 @@ def _parse_names(names) -> List[str]:
     return names
 
 
+class PendingScores:
+    """Scores of a batch of pairs that may still be computing on the device (see `ScorerSet.score_pairs_async`).
+
+    `result()` waits for them and returns (scores_0, scores_1), each {metric name: float32 CPU tensor [B]}.
+    `host_seconds` is the host time spent starting the scoring.
+    """
+
+    def __init__(self, names: List[str], values: torch.Tensor, count: int, event=None, host_seconds: float = 0.0):
+        self.names = list(names)
+        self._values = values  # [metrics, 2 * count]: image 0 of every pair, then image 1
+        self.count = count
+        self._event = event
+        self.host_seconds = host_seconds
+
+    def done(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def result(self):
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        values = self._values
+        scores_0 = {m: values[i, : self.count].clone() for i, m in enumerate(self.names)}
+        scores_1 = {m: values[i, self.count :].clone() for i, m in enumerate(self.names)}
+        return scores_0, scores_1
+
+
+def _scores_to_host(names: List[str], scores: Dict[str, torch.Tensor], non_blocking: bool = False) -> torch.Tensor:
+    """One [metrics, N] float32 CPU tensor: a single device-to-host copy instead of one synchronisation per metric."""
+    stacked = torch.stack([scores[m].to(scores[names[0]].device, torch.float32) for m in names])
+    if stacked.device.type == "cpu":
+        return stacked
+    host = torch.empty(stacked.shape, dtype=torch.float32, pin_memory=non_blocking)
+    host.copy_(stacked, non_blocking=non_blocking)
+    return host
+
+
 class ScorerSet:
     """The scorers of one run, sharing models, preprocessing, embeddings and a cache.
 
     Attributes: `names`, `scorers` (name -> scorer), `temperatures`, `weights` (name -> float), `preprocessor` (a
     picklable MultiPreprocessor: list of PIL images -> {preprocess_key: tensor}). `score()` returns float32 CPU
     tensors. With `offload=True`, scorers stay on the CPU and each group of scorers sharing weights moves to
-    `device` only while it scores.
+    `device` only while it scores. With `cuda_graphs=True` (ignored off CUDA and with offloading), scorer forwards
+    replay CUDA graphs, and `score_pairs_async` scores on a side stream, overlapping the training step.
     """
 
-    def __init__(self, scorers: Dict[str, Scorer], device=None, offload: bool = False):
+    def __init__(self, scorers: Dict[str, Scorer], device=None, offload: bool = False, cuda_graphs: bool = False):
         self.scorers = dict(scorers)
         self.names = list(self.scorers)
         self.offload = offload
@@ -1328,6 +1510,21 @@ class ScorerSet:
             preprocessors.setdefault(scorer.preprocess_key, scorer.preprocessor)
         self.preprocessor = MultiPreprocessor(preprocessors)
         self._groups = self._share_groups()
+        self.cuda_graphs = cuda_graphs
+        self._stream = None
+        self._set_graphs()
+
+    def set_cuda_graphs(self, enabled: bool):
+        """Turns CUDA-graph forwards (and asynchronous `score_pairs_async`) on or off."""
+        self.cuda_graphs = bool(enabled)
+        self._set_graphs()
+
+    def _set_graphs(self):
+        # Graphs hold device pointers: a new runner whenever the weights move.
+        use = self.cuda_graphs and not self.offload and self.device.type == "cuda"
+        runner = CUDAGraphRunner() if use else None
+        for scorer in self.scorers.values():
+            scorer.graphs = runner
 
     @property
     def temperatures(self) -> Dict[str, float]:
@@ -1361,11 +1558,11 @@ class ScorerSet:
         if not self.offload:
             for scorer in self.scorers.values():
                 scorer.to(self.device)
+        self._stream = None
+        self._set_graphs()
         return self
 
-    def score(self, inputs, prompts) -> Dict[str, torch.Tensor]:
-        """Scores images (a list of PIL images or the dict the preprocessor returns) against their prompts.
-        Returns {metric name: float32 CPU tensor [N]}."""
+    def _score_on_device(self, inputs, prompts) -> Dict[str, torch.Tensor]:
         if not isinstance(inputs, dict):
             inputs = self.preprocessor(inputs)
         context = ScoreContext()
@@ -1377,12 +1574,50 @@ class ScorerSet:
             try:
                 for name in group:
                     scorer = self.scorers[name]
-                    results[name] = scorer.score(inputs, prompts, context=context)
+                    results[name] = scorer.score_on_device(inputs, prompts, context=context)
             finally:
                 if self.offload:
                     for name in group:
                         self.scorers[name].to("cpu")
-        return {name: results[name] for name in self.names}
+        return results
+
+    def score(self, inputs, prompts) -> Dict[str, torch.Tensor]:
+        """Scores images (a list of PIL images or the dict the preprocessor returns) against their prompts.
+        Returns {metric name: float32 CPU tensor [N]}."""
+        values = _scores_to_host(self.names, self._score_on_device(inputs, prompts))
+        return {name: values[i].clone() for i, name in enumerate(self.names)}
+
+    def score_pairs_async(self, pair_inputs: Dict[str, torch.Tensor], prompts) -> PendingScores:
+        """Starts scoring a batch of pairs and returns at once on CUDA (with `cuda_graphs`), else when done.
+
+        `pair_inputs` maps each preprocess key to a [B, 2, 3, H, W] tensor (the training collator's
+        `scorer_inputs`); `prompts` has one prompt per pair. On CUDA the work runs on a side stream, so it overlaps
+        whatever the training step queues next; `result()` of the returned PendingScores waits for it.
+        """
+        import time
+
+        start = time.perf_counter()
+        count = len(next(iter(pair_inputs.values())))
+        prompts = _as_prompt_list(prompts, count)
+        asynchronous = self.cuda_graphs and not self.offload and self.device.type == "cuda"
+        stream_context = contextlib.nullcontext()
+        if asynchronous:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=self.device)
+            stream_context = torch.cuda.stream(self._stream)
+        with stream_context:
+            # Moved to the device before the [B, 2] -> [2B] reshuffle (a copy) so that copy runs on the device.
+            inputs = {}
+            for key, value in pair_inputs.items():
+                value = value.to(self.device, non_blocking=True) if asynchronous else value
+                inputs[key] = value.transpose(0, 1).reshape(-1, *value.shape[2:])
+            scores = self._score_on_device(inputs, prompts + prompts)
+            values = _scores_to_host(self.names, scores, non_blocking=asynchronous)
+            event = None
+            if asynchronous:
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        return PendingScores(self.names, values, count, event, host_seconds=time.perf_counter() - start)
 
     def score_pairs(self, inputs_0, inputs_1, prompts):
         """Scores both images of each pair in one call (one forward per model, each prompt encoded once).
@@ -1413,6 +1648,7 @@ def build_scorers(
     dtype=None,
     cache: Optional[ScoreCache] = None,
     offload: bool = False,
+    cuda_graphs: bool = False,
 ) -> ScorerSet:
     """Builds a ScorerSet from metric names (a list or a comma-separated string; default the four of the paper) and
     a reward config (path, dict or None). `device` / `dtype`, when given, override the config's. Scorers that use the
@@ -1436,7 +1672,7 @@ def build_scorers(
         if cache is not None:
             options["cache"] = cache
         scorers[name] = build_scorer(name, model_pool=pool, **options)
-    return ScorerSet(scorers, device=target_device, offload=offload)
+    return ScorerSet(scorers, device=target_device, offload=offload, cuda_graphs=cuda_graphs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

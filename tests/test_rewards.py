@@ -543,6 +543,101 @@ def test_offload_gives_the_same_scores(scorer_set, scorer_config, images):
     assert offloaded.scorers["clip"].device.type == "cpu"
 
 
+def _pair_inputs(scorer_set, images_0, images_1):
+    """What the training collator gives: {preprocess key: [B, 2, 3, H, W]}."""
+    inputs_0, inputs_1 = scorer_set.preprocessor(images_0), scorer_set.preprocessor(images_1)
+    return {key: torch.stack([inputs_0[key], inputs_1[key]], dim=1) for key in inputs_0}
+
+
+def test_score_pairs_async_equals_score_pairs_and_follows_a_swap(scorer_set, images):
+    captions = ["a red circle", "a blue square", "a red circle"]
+    expected_0, expected_1 = scorer_set.score_pairs(images[:3], images[3:], captions)
+    pending = scorer_set.score_pairs_async(_pair_inputs(scorer_set, images[:3], images[3:]), captions)
+    got_0, got_1 = pending.result()
+    swapped_1, swapped_0 = scorer_set.score_pairs_async(
+        _pair_inputs(scorer_set, images[3:], images[:3]), captions
+    ).result()
+    assert pending.done() and list(got_0) == scorer_set.names
+    for name in scorer_set.names:
+        torch.testing.assert_close(got_0[name], expected_0[name])
+        torch.testing.assert_close(got_1[name], expected_1[name])
+        torch.testing.assert_close(swapped_0[name], expected_0[name])
+        torch.testing.assert_close(swapped_1[name], expected_1[name])
+        assert not torch.equal(got_0[name], got_1[name])
+
+
+def test_prompt_buckets_are_few_powers_of_two():
+    assert [rewards._prompt_bucket(n, 16) for n in range(1, 18)] == [1, 2, 4, 4] + [8] * 4 + [16] * 9
+    chunks = list(rewards._padded_prompt_chunks(["a", "b", "c", "d", "e"], 4, bucket=True))
+    assert chunks == [(["a", "b", "c", "d"], 4), (["e"], 1)]
+    assert list(rewards._padded_prompt_chunks(["a", "b", "c"], 8, bucket=True)) == [(["a", "b", "c", "c"], 3)]
+
+
+def test_graph_shaped_forwards_give_the_eager_scores(scorer_config, images):
+    """The CUDA-graph path pads text to the full context without a mask and pads the prompt batch to a bucket;
+    off CUDA the runner runs those same padded forwards eagerly, so this checks that padding changes no score."""
+    metrics = ["pickscore", "hpsv2", "clip", "aesthetic"]
+    plain = rewards.build_scorers(metrics, scorer_config)
+    padded = rewards.build_scorers(metrics, scorer_config)
+    runner = rewards.CUDAGraphRunner()
+    for scorer in padded.scorers.values():
+        scorer.graphs = runner
+    prompts = ["a red circle", "a red circle on a white background with a long caption", "a green square"] * 2
+    text_calls, hook = _hook_counter(padded.scorers["pickscore"].model.text_model)
+    try:
+        got = padded.score(images, prompts)
+    finally:
+        hook.remove()
+    assert text_calls == [4]  # three distinct prompts, bucketed to four rows
+    expected = plain.score(images, prompts)
+    for name in metrics:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4)
+    assert len(runner) == 0  # nothing is captured off CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_scores_equal_eager_scores_on_gpu(scorer_config, images):
+    metrics = ["pickscore", "hpsv2", "clip", "aesthetic", "imagereward"]
+    eager = rewards.build_scorers(metrics, scorer_config, device="cuda", dtype="float32")
+    graphed = rewards.build_scorers(metrics, scorer_config, device="cuda", dtype="float32", cuda_graphs=True)
+    runner = graphed.scorers["pickscore"].graphs
+    assert runner is not None and all(s.graphs is runner for s in graphed.scorers.values())
+    captions = ["a red circle", "a blue square", "a red circle"]
+    pair_inputs = _pair_inputs(eager, images[:3], images[3:])
+    expected_0, expected_1 = eager.score_pairs_async(pair_inputs, captions).result()
+    for _ in range(3):  # capture, then replays
+        pending = graphed.score_pairs_async(pair_inputs, captions)
+        got_0, got_1 = pending.result()
+        for name in metrics:
+            torch.testing.assert_close(got_0[name], expected_0[name], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got_1[name], expected_1[name], rtol=1e-4, atol=1e-4)
+    assert len(runner) >= 6 and not runner.disabled  # image and text forwards of three models
+    # Another batch size captures new graphs and still scores right.
+    expected = eager.score(images[:5], _prompts(5))
+    got = graphed.score(images[:5], _prompts(5))
+    for name in metrics:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_uncapturable_forward_falls_back_to_eager_on_gpu():
+    runner = rewards.CUDAGraphRunner()
+    x = torch.arange(4.0, device="cuda")
+    torch.testing.assert_close(runner("double", lambda t: t * 2, x), x * 2)
+    assert len(runner) == 1 and not runner.disabled
+
+    def synchronising(t):
+        return t * float(t.sum().item())  # a host synchronisation cannot be captured
+
+    torch.testing.assert_close(runner("sync", synchronising, x), x * 6.0)
+    assert runner.disabled
+    # Everything runs eagerly from then on, with right results.
+    torch.testing.assert_close(runner("sync", synchronising, x + 1), (x + 1) * 10.0)
+    torch.testing.assert_close(runner("double", lambda t: t * 2, x + 1), (x + 1) * 2)
+    torch.testing.assert_close(runner("triple", lambda t: t * 3, x), x * 3)
+    assert len(runner) == 1
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Pairwise probabilities
 # ----------------------------------------------------------------------------------------------------------------
