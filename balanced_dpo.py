@@ -862,11 +862,36 @@ def encode_latents(vae, pixel_values, batch_size, generator=None):
     return torch.cat(latents) * vae.config.scaling_factor
 
 
+def start_scoring(args, batch, scorer_set):
+    """Starts the live scoring of the batch's pairs (asynchronous on CUDA); None when nothing is scored."""
+    if args.precomputed_consensus or not args.scored_metrics or batch["batch_size"] == 0:
+        return None
+    return scorer_set.score_pairs_async(batch["scorer_inputs"], list(batch["captions"]))
+
+
+def score_ahead(batches, args, scorer_set):
+    """Yields `batches`, starting the scoring of each one a batch early: on CUDA the reward models of batch N+1 run
+    on a side stream while batch N trains, instead of in front of it. Scores depend only on the images and prompts,
+    and the consensus is still decided batch by batch in order, so training is the same as without it."""
+    if args.precomputed_consensus or not args.scored_metrics or args.no_score_ahead:
+        yield from batches
+        return
+    previous = None
+    for batch in batches:
+        batch["pending_scores"] = start_scoring(args, batch, scorer_set)
+        if previous is not None:
+            yield previous
+        previous = batch
+    if previous is not None:
+        yield previous
+
+
 def consensus_for_batch(args, accelerator, batch, scorer_set, labeler, metrics):
     """(label, prob, keep) for the local batch: from precomputed columns, or live scoring + the `rewards` consensus.
 
     `label` is 1 where image 0 wins, `prob` the soft probability that image 0 is better, `keep` False for dropped
-    pairs. Scoring time is added to `metrics.scoring_seconds`.
+    pairs. Scoring time on the critical path (starting it, then waiting for it) is added to
+    `metrics.scoring_seconds`.
     """
     import time
 
@@ -878,17 +903,13 @@ def consensus_for_batch(args, accelerator, batch, scorer_set, labeler, metrics):
         metrics.add("dropped_share", (~keep).sum(), keep.numel())
         return torch.nan_to_num(label, nan=0.5), torch.nan_to_num(prob, nan=0.5), keep
 
-    batch_size = batch["batch_size"]
     scores_0 = {m: torch.empty(0) for m in args.scored_metrics}
     scores_1 = {m: torch.empty(0) for m in args.scored_metrics}
-    if args.scored_metrics and batch_size > 0:
+    pending = batch.get("pending_scores") or start_scoring(args, batch, scorer_set)
+    if pending is not None:
         start = time.perf_counter()
-        # [B, 2, C, H, W] -> image 0 of every pair, then image 1: one batched forward per scorer.
-        inputs = {k: v.transpose(0, 1).reshape(-1, *v.shape[2:]) for k, v in batch["scorer_inputs"].items()}
-        scores = scorer_set.score(inputs, list(batch["captions"]) * 2)
-        scores_0 = {k: v[:batch_size] for k, v in scores.items()}
-        scores_1 = {k: v[batch_size:] for k, v in scores.items()}
-        metrics.scoring_seconds += time.perf_counter() - start
+        scores_0, scores_1 = pending.result()
+        metrics.scoring_seconds += pending.host_seconds + time.perf_counter() - start
     result = consensus_across_processes(accelerator, labeler, scores_0, scores_1, human)
     metrics.add_consensus(result, human)
     return result.label.float().cpu(), result.prob.float().cpu(), result.keep.bool().cpu()
@@ -901,10 +922,10 @@ def no_pairs_on_some_process(accelerator, keep):
     all-reduce), so a micro-batch is skipped everywhere as soon as one process has no kept pair. That is rare
     (every pair of a local batch dropped or unreadable) and only costs that micro-batch.
     """
+    if accelerator.num_processes == 1:
+        return not bool(keep.any())  # `keep` is on the CPU: no device synchronisation
     kept = torch.tensor([float(keep.sum())], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        kept = accelerator.gather(kept)
-    return kept.min().item() == 0
+    return accelerator.gather(kept).min().item() == 0
 
 
 def kept_pairs(keep):

@@ -300,6 +300,16 @@ def parse_args(input_args=None):
         help="Keep scorers on the CPU and move each to the GPU only while it scores.",
     )
     group.add_argument(
+        "--no_scorer_cuda_graphs",
+        action="store_true",
+        help="Run scorer forwards eagerly instead of replaying CUDA graphs (graphs are used on CUDA without offload).",
+    )
+    group.add_argument(
+        "--no_score_ahead",
+        action="store_true",
+        help="Score each batch when it is trained on instead of one batch ahead on a side CUDA stream.",
+    )
+    group.add_argument(
         "--normalize_warmup_pairs", type=int, default=2048, help="Pairs used to estimate the scales of normalized_sum."
     )
     # Loss and reference
@@ -527,6 +537,7 @@ def main(args):
             device=accelerator.device,
             dtype=scorer_dtype,
             offload=args.offload_scorers,
+            cuda_graphs=not args.no_scorer_cuda_graphs,
         )
     labeler = None
     if not args.precomputed_consensus:
@@ -633,6 +644,7 @@ def main(args):
         collate_fn=preference_data.PairCollator(TokenizeCaptions(tokenizer), resolution=args.resolution),
         num_workers=args.dataloader_num_workers,
         worker_init_fn=balanced_dpo.ignore_stop_signals,
+        pin_memory=accelerator.device.type == "cuda",  # lets the scorer inputs reach the GPU asynchronously
         drop_last=False,
         # Its own generator, so creating an iterator never draws from the global RNG.
         generator=torch.Generator().manual_seed(args.seed if args.seed is not None else 0),
@@ -711,7 +723,8 @@ def main(args):
             elif progress.batches_in_epoch > 0:
                 # Skips the rows already trained on without decoding them; the batch order stays the same.
                 pairs.skip_batches(progress.batches_in_epoch, args.train_batch_size)
-            for batch in epoch_loader:
+            # Scoring of the next batch overlaps this one's step (on CUDA); see balanced_dpo.score_ahead.
+            for batch in balanced_dpo.score_ahead(epoch_loader, args, scorer_set):
                 progress.batches_in_epoch += 1
                 balanced_dpo.record_bad_examples(accelerator, bad_examples, batch)
 

@@ -70,7 +70,9 @@ import rewards  # noqa: E402
 import tiny_assets  # noqa: E402
 
 
-MODES = ("human", "live", "precomputed")
+# live_plain: live scoring as a plain implementation does it (eager forwards, each batch scored when it is
+# trained on); live: the training default (CUDA-graph forwards, scored one batch ahead on a side stream).
+MODES = ("human", "live", "live_plain", "precomputed")
 LIVE_METRICS = ("pickscore", "hpsv2", "clip", "aesthetic")
 PHASES = (
     "vae_encode",
@@ -555,6 +557,8 @@ def training_args(script, spec, resolution, mode, pairs, gradient_checkpointing,
         argv.append("--precomputed_consensus")
     else:
         argv += ["--reward_models", ",".join(LIVE_METRICS)]
+        if mode == "live_plain":
+            argv += ["--no_scorer_cuda_graphs", "--no_score_ahead"]
         if reward_config is not None:
             argv += ["--reward_config", reward_config]
     args = script.parse_args(argv)
@@ -737,7 +741,7 @@ def build_pipeline(name, options, accelerator, device, workdir):
     resolution = options.resolution or spec.resolution
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[options.mixed_precision]
     scorer_dtype = weight_dtype  # the training default (--scorer_dtype unset)
-    need_scorers = "live" in options.modes
+    need_scorers = any(m.startswith("live") for m in options.modes)
     reward_config = None
     if spec.full_size:
         unet, vae, text_encoders, tokenizers, noise_scheduler = build_full_size_models(
@@ -983,8 +987,9 @@ def make_labeler(args, scorer_set):
 
 def training_step(pipeline, args, batch, labeler, metrics, optimizer, lr_scheduler, timer):
     """One optimizer step, as in the training loop of train_balanced_dpo.py / train_balanced_dpo_sdxl.py (one
-    process, no accumulation). Returns (kept pairs, finite). Backward and the optimizer step run even when the
-    loss is not finite, so that every timed step does the same work."""
+    process, no accumulation), after the loop has fetched `batch` (with `balanced_dpo.score_ahead`). Returns (kept
+    pairs, finite). Backward and the optimizer step run even when the loss is not finite, so that every timed step
+    does the same work."""
     accelerator = pipeline.accelerator
     start = time.perf_counter()
     scorer_set = pipeline.scorer_set if args.scored_metrics else None
@@ -1066,7 +1071,9 @@ def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpoin
         options,
         pipeline.reward_config,
     )
-    place_scorers(pipeline, mode == "live", device)
+    place_scorers(pipeline, mode.startswith("live"), device)
+    if pipeline.scorer_set is not None:
+        pipeline.scorer_set.set_cuda_graphs(not args.no_scorer_cuda_graphs)
     unet = pipeline.unwrapped_unet
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -1082,6 +1089,10 @@ def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpoin
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=0, num_training_steps=1)
     result["optimizer"] = optimizer_description
     step_seconds, scoring_seconds, breakdowns, kept_pairs, nonfinite = [], [], [], [], 0
+    # The training loop's own batch iteration: with score-ahead, fetching batch i starts scoring batch i + 1.
+    batches = balanced_dpo.score_ahead(
+        (dict(batch) for _ in range(warmup_steps + steps + 1)), args, pipeline.scorer_set
+    )
     try:
         for i in range(warmup_steps + steps):
             measured = i >= warmup_steps
@@ -1089,7 +1100,10 @@ def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpoin
             metrics = balanced_dpo.StepMetrics()
             synchronize(device)
             start = time.perf_counter()
-            kept, finite = training_step(pipeline, args, batch, labeler, metrics, optimizer, lr_scheduler, timer)
+            # Timed with the step (the synchronisation below waits for the scoring started here, too).
+            step_batch = next(batches)
+            timer.add_seconds("consensus", time.perf_counter() - start)
+            kept, finite = training_step(pipeline, args, step_batch, labeler, metrics, optimizer, lr_scheduler, timer)
             synchronize(device)
             seconds = time.perf_counter() - start
             phases = timer.collect()
@@ -1198,7 +1212,7 @@ def memory_target_lines(results, device):
             return f"{r['peak_memory_gib']:.2f} GiB{setting}"
 
         head = f"Memory target, {what}, four live scorers, < {limit:g} GiB:"
-        live = measured("live")
+        live = measured("live") or measured("live_plain")
         if device.type != "cuda":
             lines.append(f"{head} n/a (GPU memory; this run is on {device.type})")
         elif live is None:
@@ -1363,7 +1377,7 @@ def configurations(pairs_list, checkpointing_list, modes):
     ordered, flip = [], False
     for pairs in pairs_list:
         for checkpointing in checkpointing_list:
-            mode_order = sorted(modes, key=lambda m: (m == "live") != flip)
+            mode_order = sorted(modes, key=lambda m: m.startswith("live") != flip)
             ordered += [(pairs, checkpointing, mode) for mode in mode_order]
             flip = not flip
     return ordered

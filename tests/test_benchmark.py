@@ -58,7 +58,7 @@ def test_benchmark_on_tiny_assets_reports_every_mode(tmp_path):
     assert report["models"][0]["attention_processors"]
     results = report["results"]
     assert sorted((r["pairs"], r["mode"]) for r in results) == sorted(
-        (p, m) for p in (1, 2) for m in ("human", "live", "precomputed")
+        (p, m) for p in (1, 2) for m in ("human", "live", "live_plain", "precomputed")
     )
     for r in results:
         assert r["status"] == "ok", r
@@ -73,9 +73,10 @@ def test_benchmark_on_tiny_assets_reports_every_mode(tmp_path):
         for phase in ("vae_encode", "text_encode", "unet_forward", "reference_forward", "unet_backward", "optimizer"):
             assert breakdown[phase] > 0, (phase, r)
         assert sum(v for k, v in breakdown.items() if k != "other") <= 1000 * r["median_step_seconds"] * 1.01
-        if r["mode"] == "live":
+        if r["mode"].startswith("live"):
             assert 0 < r["scoring_share"] < 1
-            assert breakdown["consensus"] >= 1000 * r["median_scoring_seconds"] > 0
+            # Scoring batch i + 1 starts within step i (score-ahead), so its time is within the consensus phase.
+            assert breakdown["consensus"] > 0 and r["median_scoring_seconds"] > 0
         else:
             assert r["scoring_share"] == 0  # no scorer runs in Diffusion-DPO or with precomputed labels
         if r["mode"] == "human":
