@@ -71,6 +71,7 @@ ITEM_KEYS = (
     "original_size_1",
     "crop_top_left_0",
     "crop_top_left_1",
+    "flip",
     "scorer_inputs",
 )
 
@@ -80,6 +81,7 @@ BATCH_KEYS = (
     "pixel_values_1",
     "original_sizes",
     "crop_top_lefts",
+    "flips",
     "label_0",
     "captions",
     "train_captions",
@@ -626,7 +628,7 @@ class PairTransform:
 
         Returns:
             `dict` with `pixel_values_0`, `pixel_values_1` (float32 `[3, R, R]` in [-1, 1]), `original_size_0`,
-            `original_size_1` (`(h, w)`), `crop_top_left_0`, `crop_top_left_1` (`(top, left)`).
+            `original_size_1` (`(h, w)`), `crop_top_left_0`, `crop_top_left_1` (`(top, left)`), `flip` (`bool`).
         """
         rng = rng if rng is not None else random.Random()
         # Always draw the same number of values so that changing an option does not shift the other decisions.
@@ -641,6 +643,7 @@ class PairTransform:
             "original_size_1": size_1,
             "crop_top_left_0": crop_0,
             "crop_top_left_1": crop_1,
+            "flip": flip,
         }
 
 
@@ -1036,7 +1039,8 @@ class PairCollator:
 
     Returns a dict with `pixel_values_0`, `pixel_values_1` (`[B, 3, R, R]` float32, contiguous),
     `original_sizes` and `crop_top_lefts` (`[B, 2, 2]` long; `[:, 0]` is image 0's `(h, w)` / `(top, left)`,
-    `[:, 1]` image 1's), `label_0` (`[B]` float32, NaN when unknown), `captions`, `train_captions` (lists of str),
+    `[:, 1]` image 1's), `flips` (`[B]` bool: both images flipped), `label_0` (`[B]` float32, NaN when unknown),
+    `captions`, `train_captions` (lists of str),
     `indices` (`[B]` long), `scorer_inputs` (`dict` of `[B, 2, 3, H, W]`, when the items have them), the extra
     columns (tensors when numeric, else lists), the outputs of `tokenize_fn(train_captions)`, and the bookkeeping
     `bad_examples` (list of `(index, reason)`), `skipped_examples` (int), `batch_size` (B) and `num_rows`
@@ -1073,6 +1077,7 @@ class PairCollator:
                     "pixel_values_1": torch.empty((0, 3, side, side)),
                     "original_sizes": torch.empty((0, 2, 2), dtype=torch.long),
                     "crop_top_lefts": torch.empty((0, 2, 2), dtype=torch.long),
+                    "flips": torch.empty((0,), dtype=torch.bool),
                     "label_0": torch.empty((0,)),
                     "captions": [],
                     "train_captions": [],
@@ -1089,6 +1094,7 @@ class PairCollator:
         batch["crop_top_lefts"] = torch.tensor(
             [[e["crop_top_left_0"], e["crop_top_left_1"]] for e in kept], dtype=torch.long
         )
+        batch["flips"] = torch.tensor([bool(e.get("flip", False)) for e in kept], dtype=torch.bool)
         batch["label_0"] = torch.tensor([float(e["label_0"]) for e in kept], dtype=torch.float32)
         batch["captions"] = [e["caption"] for e in kept]
         batch["train_captions"] = [e["train_caption"] for e in kept]

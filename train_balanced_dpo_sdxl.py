@@ -439,6 +439,12 @@ def parse_args(input_args=None):
         "--max_nonfinite_steps", type=int, default=5, help="Stop after this many non-finite steps in a row."
     )
     group.add_argument("--vae_encode_batch_size", type=int, default=8)
+    group.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Keep each image's VAE encoding (per flip and crop) in host memory and reuse it in later epochs; latents "
+        "are still sampled fresh every time. For multi-epoch runs on datasets that fit in RAM.",
+    )
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     group.add_argument("--allow_tf32", action="store_true")
     group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
@@ -1013,6 +1019,7 @@ def main(args):
         disable=not accelerator.is_local_main_process,
     )
     metrics = balanced_dpo.StepMetrics()
+    latent_cache = balanced_dpo.LatentCache() if args.cache_latents else None
     step_start = time.perf_counter()
     unet.train()
     interrupted = False
@@ -1060,6 +1067,7 @@ def main(args):
                         dynamic_reference,
                         metrics,
                         generator,
+                        latent_cache,
                     )
                     finite = torch.isfinite(loss.detach()).float()
                     if accelerator.num_processes > 1:
@@ -1140,6 +1148,11 @@ def main(args):
                 if args.streaming and progress.global_step == 0 and progress.skipped_batches == 0:
                     raise ValueError("The streaming dataset yielded no usable pairs.")
 
+    if latent_cache is not None:
+        logger.info(
+            f"Latent cache: {len(latent_cache)} images, {latent_cache.nbytes / 2**30:.2f} GiB; "
+            f"{latent_cache.hits} hits, {latent_cache.misses} encodes."
+        )
     accelerator.wait_for_everyone()
     if interrupted:
         accelerator.end_training()
@@ -1210,6 +1223,7 @@ def dpo_step(
     dynamic_reference,
     metrics,
     generator,
+    latent_cache=None,
 ):
     """One micro-step of Diffusion-DPO on the kept pairs of the batch, winner/loser ordered by the consensus."""
     device = accelerator.device
@@ -1225,7 +1239,9 @@ def dpo_step(
     feed_pixel_values = feed_pixel_values.to(device, dtype=vae.dtype)
     time_ids = pair_time_ids(take("original_sizes"), take("crop_top_lefts"), label, args.resolution).to(device)
     with torch.no_grad():
-        latents = balanced_dpo.encode_latents(vae, feed_pixel_values, args.vae_encode_batch_size, generator)
+        latents = balanced_dpo.encode_pair_latents(
+            args, vae, batch, index, label, feed_pixel_values, generator, latent_cache
+        )
         latents = latents.to(weight_dtype)  # the stock VAE runs in fp32
         prompt_embeds, pooled_prompt_embeds = prompt_encoder(batch, index)
     unet_kwargs = {

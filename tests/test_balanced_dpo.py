@@ -340,3 +340,61 @@ def test_training_state_round_trip(tmp_path):
     assert torch.equal(loaded["consensus"]["generator"], state["consensus"]["generator"])
     assert loaded["consensus"]["n"] == 2.5
     assert loaded["consensus"]["counts"] == {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_vae_and_images(n=6, seed=0):
+    import tiny_assets
+
+    torch.manual_seed(seed)
+    vae = tiny_assets._tiny_vae().eval()
+    images = torch.rand(n, 3, 32, 32) * 2 - 1
+    return vae, images
+
+
+def test_latent_cache_samples_like_encode_latents_and_encodes_each_key_once():
+    vae, images = _tiny_vae_and_images()
+    keys = [(row, 0, False, (0, 0)) for row in range(len(images))]
+    calls = []
+    hook = vae.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    cache = balanced_dpo.LatentCache()
+    try:
+        for _ in range(2):  # the second pass encodes nothing and draws the same latents from the same generator
+            expected = balanced_dpo.encode_latents(vae, images, 4, torch.Generator().manual_seed(1))
+            got = cache.encode(vae, images, keys, 4, torch.Generator().manual_seed(1))
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    finally:
+        hook.remove()
+    assert calls == [4, 2, 4, 2, 4, 2] and len(cache) == 6  # encode_latents twice, the cache once
+    assert (cache.hits, cache.misses) == (
+        6,
+        6,
+    ) and cache.nbytes == 6 * 8 * 16 * 16 * 4  # mean + log-variance of 4 x 16 x 16, fp32
+
+    # Fresh samples each time, not a frozen latent.
+    again = cache.encode(vae, images, keys, 4, torch.Generator().manual_seed(2))
+    assert not torch.equal(again, got)
+    # A new flip (or crop, or side) of a row is a new image: only those are encoded.
+    mixed = keys[:3] + [(row, 0, True, (0, 0)) for row in range(3)]
+    flipped = torch.cat([images[:3], images[:3].flip(-1)])
+    cached = cache.encode(vae, flipped, mixed, 4, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(cached, balanced_dpo.encode_latents(vae, flipped, 4, torch.Generator().manual_seed(3)))
+    assert len(cache) == 9 and cache.misses == 9
+    with pytest.raises(ValueError, match="cache keys"):
+        cache.encode(vae, images, keys[:2], 4)
+
+
+def test_latent_cache_keys_follow_the_winner_first_order():
+    batch = {
+        "indices": torch.tensor([10, 11, 12]),
+        "flips": torch.tensor([True, False, True]),
+        "crop_top_lefts": torch.tensor([[[1, 2], [3, 4]], [[0, 0], [0, 0]], [[5, 6], [7, 8]]]),
+    }
+    index = torch.tensor([0, 2])  # the middle pair was dropped
+    label = torch.tensor([1.0, 0.0])  # image 0 wins the first kept pair, image 1 the second
+    keys = balanced_dpo.latent_cache_keys(batch, index, label)
+    assert keys == [(10, 0, True, (1, 2)), (12, 1, True, (7, 8)), (10, 1, True, (3, 4)), (12, 0, True, (5, 6))]

@@ -206,6 +206,20 @@ def test_human_consensus_is_diffusion_dpo_with_ties_dropped(tiny_assets_dir, tmp
     assert "scoring_time_share" not in scalars or scalars["scoring_time_share"][0][1] == 0.0
 
 
+def test_cache_latents_trains_like_encoding_every_epoch(tiny_assets_dir, tmp_path):
+    # 8 rows in batches of 4 for 6 steps: three epochs, so epochs 2 and 3 reuse the cached encodings.
+    common = ("--consensus", "human", "--max_train_samples", "8", "--max_train_steps", "6", "--no_hflip")
+    plain, cached = str(tmp_path / "plain"), str(tmp_path / "cached")
+    launch(SCRIPT, base_args(tiny_assets_dir, plain, *common))
+    result = launch(SCRIPT, base_args(tiny_assets_dir, cached, *common, "--cache_latents"))
+    assert "Latent cache: 16 images" in result.stdout + result.stderr  # 8 pairs, 2 images each, encoded once
+    a = load_file(os.path.join(plain, "pytorch_lora_weights.safetensors"))
+    b = load_file(os.path.join(cached, "pytorch_lora_weights.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=f"{key} differs with --cache_latents")
+    assert any(v.abs().max() > 0 for k, v in a.items() if ".lora.up." in k or "lora_B" in k)
+
+
 def test_reference_adapter_follows_policy_only_at_updates(tiny_assets_dir, tmp_path):
     output_dir = str(tmp_path / "out")
     launch(
