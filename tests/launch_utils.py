@@ -9,15 +9,18 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(script, args, num_processes=1, timeout=600, env=None, check=True):
-    """Runs `accelerate launch <script> <args>` on the CPU and returns the CompletedProcess."""
+def launch(script, args, timeout=600, env=None, check=True):
+    """Runs `accelerate launch <script> <args>` on the CPU in one process and returns the CompletedProcess.
+
+    (`accelerate launch --cpu --num_processes 2` starts one process without MPI; two-process tests use torchrun, see
+    tests/test_robustness.py.)"""
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--cpu",
         "--num_processes",
-        str(num_processes),
+        "1",
         "--num_machines",
         "1",
         "--mixed_precision",
