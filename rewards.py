@@ -1604,6 +1604,9 @@ class ScorerSet:
         if asynchronous:
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device=self.device)
+            # Orders scoring after work already queued (e.g. weights moved or edited); at the top of a training step
+            # that queue has been drained by the previous step's synchronisation, so this costs nothing.
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
             stream_context = torch.cuda.stream(self._stream)
         with stream_context:
             # Moved to the device before the [B, 2] -> [2B] reshuffle (a copy) so that copy runs on the device.
