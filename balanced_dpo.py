@@ -921,6 +921,45 @@ class LatentCache:
         return torch.cat(latents) * vae.config.scaling_factor
 
 
+def _available_host_memory():
+    """MemAvailable of /proc/meminfo in bytes, or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_latent_cache_fits(args, vae, num_rows, num_processes=1, local_processes=1, available_bytes=None):
+    """Host memory `--cache_latents` may need on this machine, in bytes; a ValueError before training when it
+    exceeds 80% of the available memory (a run killed for memory hours later would lose its work since the last
+    checkpoint).
+
+    Each process caches its own rows: 2 images per pair, 2 versions of each with random flips, and with random crops
+    one more version per epoch in the worst case.
+    """
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    side = args.resolution // factor
+    bytes_per_image = 2 * vae.config.latent_channels * side * side * vae.dtype.itemsize
+    epochs = max(1, int(args.num_train_epochs or 1))
+    versions = epochs if args.random_crop else min(epochs, 1 if args.no_hflip else 2)
+    rows_per_process = math.ceil(num_rows / max(1, num_processes))
+    needed = rows_per_process * 2 * versions * bytes_per_image * max(1, local_processes)
+    available = _available_host_memory() if available_bytes is None else available_bytes
+    if available is not None and needed > 0.8 * available:
+        raise ValueError(
+            f"--cache_latents could need {needed / 2**30:.1f} GiB of host memory on this machine "
+            f"({rows_per_process} pairs per process x 2 images x {versions} flip/crop version(s) x "
+            f"{bytes_per_image // 1024} KiB x {max(1, local_processes)} process(es)), more than 80% of the "
+            f"{available / 2**30:.1f} GiB available. Drop --cache_latents, train on fewer rows (--max_train_samples), "
+            "or add --no_hflip (and drop --random_crop) to keep one version per image."
+        )
+    return needed
+
+
 def latent_cache_keys(batch, index, label):
     """Cache keys of the images fed to the VAE (winners of the kept pairs, then losers; see `order_by_label`)."""
     rows = batch["indices"][index.to(batch["indices"].device)].tolist()

@@ -398,3 +398,19 @@ def test_latent_cache_keys_follow_the_winner_first_order():
     label = torch.tensor([1.0, 0.0])  # image 0 wins the first kept pair, image 1 the second
     keys = balanced_dpo.latent_cache_keys(batch, index, label)
     assert keys == [(10, 0, True, (1, 2)), (12, 1, True, (7, 8)), (10, 1, True, (3, 4)), (12, 0, True, (5, 6))]
+
+
+def test_latent_cache_memory_check_fails_before_training_with_the_fix():
+    import types
+
+    vae, _ = _tiny_vae_and_images()  # 2 down blocks: latents are 4 x 16 x 16 at 32 px, fp32 -> 8 KiB per image
+    args = types.SimpleNamespace(resolution=32, num_train_epochs=3, random_crop=False, no_hflip=False)
+    # 100 pairs over 2 processes, 2 images, 2 flips, 2 processes on this machine.
+    needed = balanced_dpo.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=10 * 2**30)
+    assert needed == 50 * 2 * 2 * 8192 * 2
+    args.no_hflip = True
+    assert balanced_dpo.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=10 * 2**30) == needed // 2
+    args.random_crop = True  # a new crop every epoch, in the worst case
+    assert balanced_dpo.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=10 * 2**30) == needed // 2 * 3
+    with pytest.raises(ValueError, match=r"--cache_latents could need .* Drop --cache_latents.*--max_train_samples"):
+        balanced_dpo.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=1_000_000)
