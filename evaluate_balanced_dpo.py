@@ -167,6 +167,11 @@ def parse_args(input_args=None):
         "--offload_scorers", action="store_true", help="Keep scorers on the CPU, each on the device only to score."
     )
     group.add_argument(
+        "--no_scorer_cuda_graphs",
+        action="store_true",
+        help="Run scorer forwards eagerly instead of replaying CUDA graphs (graphs are used on CUDA without offload).",
+    )
+    group.add_argument(
         "--tie_tolerance",
         type=float,
         default=0.0,
@@ -822,7 +827,12 @@ def main(args):
     scorer_set = None
     if todo:
         scorer_set = rewards.build_scorers(
-            metrics, config=args.reward_config, device=device, dtype=scorer_dtype, offload=args.offload_scorers
+            metrics,
+            config=args.reward_config,
+            device=device,
+            dtype=scorer_dtype,
+            offload=args.offload_scorers,
+            cuda_graphs=not args.no_scorer_cuda_graphs,
         )
 
     progress = tqdm(total=len(prompts), initial=len(records), desc="Prompts", unit="prompt")

@@ -2112,6 +2112,9 @@ def _add_scorer_args(parser):
     parser.add_argument(
         "--dtype", type=str, default=None, help="Scorer weight dtype: float32 (default), bfloat16, float16."
     )
+    parser.add_argument(
+        "--no_cuda_graphs", action="store_true", help="Run scorer forwards eagerly instead of replaying CUDA graphs."
+    )
 
 
 def _add_consensus_args(parser):
@@ -2241,7 +2244,11 @@ def cmd_score(args):
         except (ValueError, FileNotFoundError, OSError) as error:
             raise SystemExit(f"error: cannot read image '{path}': {error}")
     scorers = build_scorers(
-        args.reward_models, args.reward_config, device=_default_device(args.device), dtype=args.dtype
+        args.reward_models,
+        args.reward_config,
+        device=_default_device(args.device),
+        dtype=args.dtype,
+        cuda_graphs=not args.no_cuda_graphs,
     )
     scores = scorers.score(images, [args.prompt] * len(images))
     labeler = _labeler_from_args(args, scorers.temperatures, scorers.weights)
@@ -2449,7 +2456,11 @@ def cmd_label(args):
 
     dataset = _load_dataset(args)
     scorers = build_scorers(
-        args.reward_models, args.reward_config, device=_default_device(args.device), dtype=args.dtype
+        args.reward_models,
+        args.reward_config,
+        device=_default_device(args.device),
+        dtype=args.dtype,
+        cuda_graphs=not args.no_cuda_graphs,
     )
     labeler = _labeler_from_args(args, scorers.temperatures, scorers.weights)
     writer = _ShardWriter(args.output_dir, args.split, args.rows_per_shard, _output_features(dataset, scorers.names))
@@ -2586,7 +2597,9 @@ def cmd_calibrate(args):
         }
         weights = {m: float(config.get(m, {}).get("weight", 1.0)) for m in names}
     else:
-        scorers = build_scorers(names, config, device=_default_device(args.device), dtype=args.dtype)
+        scorers = build_scorers(
+            names, config, device=_default_device(args.device), dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs
+        )
         temperatures, weights = scorers.temperatures, scorers.weights
     from preference_data import BadExampleTracker, DataError
 
