@@ -960,6 +960,20 @@ def check_latent_cache_fits(args, vae, num_rows, num_processes=1, local_processe
     return needed
 
 
+def make_latent_cache(args, vae, num_rows, num_processes, logger):
+    """The run's LatentCache with `--cache_latents` (after checking it fits in host memory), else None."""
+    if not args.cache_latents:
+        return None
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    needed = check_latent_cache_fits(args, vae, num_rows, num_processes, local_processes)
+    logger.info(f"--cache_latents: up to {needed / 2**30:.2f} GiB of host memory on this machine.")
+    if args.num_train_epochs <= 1:
+        logger.warning("--cache_latents with a single epoch: no encoding will be reused.")
+    if args.random_crop:
+        logger.warning("--cache_latents with --random_crop: each epoch crops anew, so few encodings are reused.")
+    return LatentCache()
+
+
 def latent_cache_keys(batch, index, label):
     """Cache keys of the images fed to the VAE (winners of the kept pairs, then losers; see `order_by_label`)."""
     rows = batch["indices"][index.to(batch["indices"].device)].tolist()

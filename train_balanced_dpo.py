@@ -713,17 +713,7 @@ def main(args):
         disable=not accelerator.is_local_main_process,
     )
     metrics = balanced_dpo.StepMetrics()
-    latent_cache = None
-    if args.cache_latents:
-        needed = balanced_dpo.check_latent_cache_fits(
-            args, vae, len(pairs), accelerator.num_processes, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        )
-        logger.info(f"--cache_latents: up to {needed / 2**30:.2f} GiB of host memory on this machine.")
-        if args.num_train_epochs <= 1:
-            logger.warning("--cache_latents with a single epoch: no encoding will be reused.")
-        if args.random_crop:
-            logger.warning("--cache_latents with --random_crop: each epoch crops anew, so few encodings are reused.")
-        latent_cache = balanced_dpo.LatentCache()
+    latent_cache = balanced_dpo.make_latent_cache(args, vae, len(pairs), accelerator.num_processes, logger)
     step_start = time.perf_counter()
     unet.train()
     interrupted = False
