@@ -2168,6 +2168,14 @@ def parse_args(input_args=None):
     _add_consensus_args(label)
     label.add_argument("--output_dir", type=str, required=True, help="Parquet shards go to <output_dir>/data/.")
     label.add_argument("--rows_per_shard", type=int, default=1000)
+    label.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue an interrupted run in --output_dir from its last written shard (same arguments).",
+    )
+    label.add_argument(
+        "--overwrite", action="store_true", help="Start over even if --output_dir holds an unfinished run."
+    )
 
     calibrate = subparsers.add_parser("calibrate", help="Fit each metric's temperature to the human labels.")
     _add_dataset_args(calibrate)
@@ -2340,10 +2348,18 @@ def _load_dataset(args):
     return dataset
 
 
-def _iter_batches(dataset, batch_size, max_samples, with_ids=False):
-    """Batches of rows; with `with_ids`, (row ids, rows) where a row id is the row's position in the dataset."""
+def _iter_batches(dataset, batch_size, max_samples, with_ids=False, start=0):
+    """Batches of rows; with `with_ids`, (row ids, rows) where a row id is the row's position in the dataset.
+    `start` skips that many rows first (without decoding them)."""
+    if start:
+        import datasets
+
+        if isinstance(dataset, datasets.IterableDataset):
+            dataset = dataset.skip(start)
+        else:
+            dataset = dataset.select(range(start, len(dataset)))
     batch, ids = [], []
-    for count, row in enumerate(dataset):
+    for count, row in enumerate(dataset, start=start):
         if max_samples is not None and count >= max_samples:
             break
         batch.append(row)
@@ -2397,29 +2413,41 @@ def _precomputed_columns(names):
 
 class _ShardWriter:
     """Writes rows to `<output_dir>/data/<split>-NNNNN-of-MMMMM.parquet` so `datasets.load_dataset(output_dir)` reads
-    them back as split `<split>`."""
+    them back as split `<split>`.
 
-    def __init__(self, output_dir, split, rows_per_shard, features):
+    Shards are written as `.parquet.tmp` files while labeling runs and renamed at the end. A shard holds every
+    buffered row once there are at least `rows_per_shard`, so it always ends at a batch boundary: what is on disk is
+    then exactly the rows up to a known input position, which is what resuming needs. `resume_paths` are the shards of
+    an interrupted run, kept and continued.
+    """
+
+    def __init__(self, output_dir, split, rows_per_shard, features, resume_paths=None):
         self.data_dir = os.path.join(output_dir, "data")
         os.makedirs(self.data_dir, exist_ok=True)
-        for old in glob.glob(os.path.join(self.data_dir, f"{split}-*.parquet")):
-            os.remove(old)
+        keep = set(resume_paths or [])
+        for old in glob.glob(os.path.join(self.data_dir, f"{split}-*.parquet*")):
+            if old not in keep:
+                os.remove(old)
         self.split, self.rows_per_shard, self.features = split, rows_per_shard, features
-        self.rows, self.paths, self.num_rows = [], [], 0
+        self.rows, self.paths = [], list(resume_paths or [])
 
-    def add(self, rows):
+    def add(self, rows) -> bool:
+        """Buffers rows; returns True when that wrote a shard."""
         self.rows.extend(rows)
-        while len(self.rows) >= self.rows_per_shard:
-            self._flush(self.rows[: self.rows_per_shard])
-            self.rows = self.rows[self.rows_per_shard :]
+        if len(self.rows) < self.rows_per_shard:
+            return False
+        self._flush(self.rows)
+        self.rows = []
+        return True
 
     def _flush(self, rows):
         import datasets
 
         path = os.path.join(self.data_dir, f"{self.split}-{len(self.paths):05d}.parquet.tmp")
-        datasets.Dataset.from_list(rows, features=self.features).to_parquet(path)
+        partial = path + ".partial"  # a shard cut short by a kill is never taken for a finished one
+        datasets.Dataset.from_list(rows, features=self.features).to_parquet(partial)
+        os.replace(partial, path)
         self.paths.append(path)
-        self.num_rows += len(rows)
 
     def close(self):
         if self.rows or not self.paths:
@@ -2431,6 +2459,61 @@ class _ShardWriter:
             os.replace(path, target)
             final.append(target)
         return final
+
+
+# What decides the labels: a resumed run must use the same.
+_LABEL_RUN_KEYS = (
+    "dataset_name", "dataset_config_name", "split", "streaming", "caption_column", "image_0_column", "image_1_column",
+    "label_0_column", "max_samples", "batch_size", "rows_per_shard", "reward_models", "dtype", "consensus",
+    "abstain_margin", "tie_policy", "min_agreement", "human_vote", "seed", "normalize_warmup_pairs",
+)  # fmt: skip
+
+
+def _label_run_fingerprint(args) -> dict:
+    fingerprint = {key: getattr(args, key, None) for key in _LABEL_RUN_KEYS}
+    fingerprint["reward_config"] = load_reward_config(args.reward_config)
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+
+def _label_progress_path(args) -> str:
+    return os.path.join(args.output_dir, f"labeling_{args.split}.progress.json")
+
+
+def _read_label_progress(args) -> Optional[dict]:
+    """The state of an interrupted `label` run in `--output_dir`, checked against these arguments; None when there
+    is none or `--overwrite` is given. Stops with a clear error when one exists and neither `--resume` nor
+    `--overwrite` says what to do with it, so that finished shards are never deleted by accident."""
+    path = _label_progress_path(args)
+    if not os.path.isfile(path) or args.overwrite:
+        return None
+    with open(path, encoding="utf-8") as f:
+        progress = json.load(f)
+    if not args.resume:
+        raise SystemExit(
+            f"error: {args.output_dir} holds an unfinished labeling run ({progress['rows_consumed']} input rows "
+            "done). Add --resume to continue it, or --overwrite to start over."
+        )
+    fingerprint = _label_run_fingerprint(args)
+    changed = sorted(k for k in fingerprint if fingerprint[k] != progress["fingerprint"].get(k))
+    if changed:
+        raise SystemExit(
+            f"error: --resume with other settings than the interrupted run ({', '.join(changed)}). Use the same "
+            "arguments, or --overwrite to start over."
+        )
+    data_dir = os.path.join(args.output_dir, "data")
+    paths = [os.path.join(data_dir, name) for name in progress["shards"]]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"error: cannot resume: shard {missing[0]} is gone. Use --overwrite to start over.")
+    progress["shard_paths"] = paths
+    return progress
+
+
+def _write_label_progress(args, state: dict):
+    path = _label_progress_path(args)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(state, f)
+    os.replace(path + ".tmp", path)
 
 
 def _output_features(dataset, names):
@@ -2449,6 +2532,30 @@ def _output_features(dataset, names):
     return features
 
 
+def _write_label_progress_if_started(
+    args, writer, fingerprint, rows_consumed, counts, agreement_sum, bad_examples, labeler
+):
+    """Records the position after which an interrupted run resumes; only once a shard exists (before that, a
+    resumed run simply starts over)."""
+    if not writer.paths:
+        return
+    _write_label_progress(
+        args,
+        {
+            "fingerprint": fingerprint,
+            "rows_consumed": rows_consumed,
+            "shards": [os.path.basename(p) for p in writer.paths],
+            "counts": counts,
+            "agreement_sum": agreement_sum,
+            "bad_examples": bad_examples.state_dict(),
+            "labeler": {
+                "normalized_sum": labeler.normalized_state.state_dict(),
+                "generator": labeler.generator.get_state().tolist(),
+            },
+        },
+    )
+
+
 def cmd_label(args):
     from tqdm.auto import tqdm
 
@@ -2463,7 +2570,14 @@ def cmd_label(args):
         cuda_graphs=not args.no_cuda_graphs,
     )
     labeler = _labeler_from_args(args, scorers.temperatures, scorers.weights)
-    writer = _ShardWriter(args.output_dir, args.split, args.rows_per_shard, _output_features(dataset, scorers.names))
+    progress_state = _read_label_progress(args)
+    writer = _ShardWriter(
+        args.output_dir,
+        args.split,
+        args.rows_per_shard,
+        _output_features(dataset, scorers.names),
+        resume_paths=progress_state["shard_paths"] if progress_state else None,
+    )
     total = None if args.streaming else len(dataset)
     if args.max_samples is not None:
         total = min(total, args.max_samples) if total is not None else args.max_samples
@@ -2477,10 +2591,21 @@ def cmd_label(args):
     }
     bad_examples = BadExampleTracker(args.max_bad_examples, logger=logger)
     agreement_sum = 0.0
-    progress = tqdm(total=total, unit="pair", desc="labeling")
-    for row_ids, rows in _iter_batches(dataset, args.batch_size, args.max_samples, with_ids=True):
+    start = 0
+    if progress_state is not None:
+        start = progress_state["rows_consumed"]
+        counts.update(progress_state["counts"])
+        agreement_sum = progress_state["agreement_sum"]
+        bad_examples.load_state_dict(progress_state["bad_examples"])
+        labeler.normalized_state.load_state_dict(progress_state["labeler"]["normalized_sum"])
+        labeler.generator.set_state(torch.tensor(progress_state["labeler"]["generator"], dtype=torch.uint8))
+        print(f"resuming after {start} input rows ({len(writer.paths)} shard(s) kept)")
+    fingerprint = _label_run_fingerprint(args)
+    progress = tqdm(total=total, initial=start, unit="pair", desc="labeling")
+    for row_ids, rows in _iter_batches(dataset, args.batch_size, args.max_samples, with_ids=True, start=start):
         progress.update(len(rows))
         num_rows = len(rows)
+        rows_consumed = row_ids[-1] + 1
         rows, images_0, images_1, bad = _decode_pairs(rows, args, row_ids)
         counts["skipped_undecodable"] += sum(1 for *_, undecodable in bad if undecodable)
         counts["skipped_invalid"] += sum(1 for *_, undecodable in bad if not undecodable)
@@ -2489,6 +2614,9 @@ def cmd_label(args):
         except DataError as error:
             raise SystemExit(f"error: {error}") from None
         if not rows:
+            if not writer.rows:  # nothing buffered: the position can move on
+                _write_label_progress_if_started(args, writer, fingerprint, rows_consumed, counts, agreement_sum,
+                                                 bad_examples, labeler)  # fmt: skip
             continue
         scores_0, scores_1 = scorers.score_pairs(images_0, images_1, [r[args.caption_column] for r in rows])
         human = _human_labels(rows, args.label_0_column)
@@ -2505,7 +2633,6 @@ def cmd_label(args):
             row["agreement"] = float(result.agreement[i])
             row["consensus_keep"] = keep
             out_rows.append(row)
-        writer.add(out_rows)
         counts["rows"] += len(rows)
         counts["kept"] += result.num_kept
         agreement_sum += float(result.agreement.sum())
@@ -2513,6 +2640,10 @@ def cmd_label(args):
             decisive = result.keep & torch.isfinite(human) & (human != 0.5)
             counts["human_decisive"] += int(decisive.sum())
             counts["agree_with_human"] += int((decisive & ((result.label > 0.5) == (human > 0.5))).sum())
+        if writer.add(out_rows):
+            # Everything up to this row is on disk: a killed run resumes from here (`--resume`).
+            _write_label_progress_if_started(args, writer, fingerprint, rows_consumed, counts, agreement_sum,
+                                             bad_examples, labeler)  # fmt: skip
     progress.close()
     shards = writer.close()
     summary = {
@@ -2530,6 +2661,8 @@ def cmd_label(args):
     }
     with open(os.path.join(args.output_dir, f"labeling_{args.split}.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
+    if os.path.exists(_label_progress_path(args)):
+        os.remove(_label_progress_path(args))
     rows = max(counts["rows"], 1)
     print(f"wrote {counts['rows']} pairs to {len(shards)} parquet shard(s) under {writer.data_dir}")
     print(f"skipped {counts['skipped_undecodable']} pair(s) with undecodable images")

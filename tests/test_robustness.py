@@ -325,6 +325,59 @@ def test_label_skips_counts_and_logs_bad_rows(tiny_assets_dir, corrupted_pickapi
     assert len(labeled) == 11 and all(isinstance(c, str) and c.strip() for c in labeled["caption"])
 
 
+def test_label_resumes_after_a_kill_and_equals_an_uninterrupted_run(tiny_assets_dir, corrupted_pickapic, tmp_path):
+    import datasets
+
+    import rewards
+
+    def label(output_dir, *extra):
+        return rewards.main(
+            ["label", "--dataset_name", corrupted_pickapic, "--output_dir", output_dir, "--reward_models",
+             "clip,aesthetic", "--reward_config", tiny_assets_dir["reward_config"], "--device", "cpu",
+             "--batch_size", "4", "--rows_per_shard", "2", "--max_bad_examples", "5", "--consensus", "random_metric",
+             *extra]
+        )  # fmt: skip
+
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    expected = label(straight)
+
+    original_flush = rewards._ShardWriter._flush
+    flushes = []
+
+    def flush_then_die(self, rows):
+        if len(flushes) == 2:
+            raise KeyboardInterrupt  # killed while writing the third shard
+        flushes.append(len(rows))
+        original_flush(self, rows)
+
+    rewards._ShardWriter._flush = flush_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            label(killed)
+    finally:
+        rewards._ShardWriter._flush = original_flush
+    written = sorted(glob.glob(os.path.join(killed, "data", "*")))
+    assert len(written) == 2 and all(p.endswith(".parquet.tmp") for p in written)
+
+    # Finished shards are never deleted by accident, nor continued with other settings.
+    with pytest.raises(SystemExit, match="unfinished labeling run .* Add --resume"):
+        label(killed)
+    with pytest.raises(SystemExit, match="other settings .*consensus"):
+        label(killed, "--resume", "--consensus", "majority")
+    assert sorted(glob.glob(os.path.join(killed, "data", "*"))) == written
+
+    resumed = label(killed, "--resume")
+    assert resumed["counts"] == expected["counts"]
+    for key in ("num_bad", "num_seen", "num_skipped"):
+        assert resumed["bad_examples"][key] == expected["bad_examples"][key], key
+    assert [row for row, _ in resumed["bad_examples"]["recent"]] == sorted(BAD_ROWS)
+    assert not os.path.exists(os.path.join(killed, "labeling_train.progress.json"))
+    a = datasets.load_dataset(straight, split="train").to_pandas()
+    b = datasets.load_dataset(killed, split="train").to_pandas()
+    assert len(a) == 11 and a.drop(columns=["jpg_0", "jpg_1"]).equals(b.drop(columns=["jpg_0", "jpg_1"]))
+    assert a["jpg_0"].tolist() == b["jpg_0"].tolist() and a["jpg_1"].tolist() == b["jpg_1"].tolist()
+
+
 def test_label_max_bad_examples_and_missing_column(tiny_assets_dir, corrupted_pickapic, misshapen_datasets, tmp_path):
     import rewards
 
