@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -673,6 +674,21 @@ def test_two_processes_skip_bad_rows_gather_metrics_and_write_once(
     pipe.load_lora_weights(output_dir)
     tuned = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert abs(base - tuned).max() > 1e-5
+
+    if model == "sd":
+        # Two processes resumed from checkpoint-1 end where the uninterrupted run ended: each process's data position
+        # and noise generator come back.
+        resumed_dir = str(tmp_path / "resumed")
+        shutil.copytree(os.path.join(output_dir, "checkpoint-1"), os.path.join(resumed_dir, "checkpoint-1"))
+        args = base_args(tiny_assets_dir, model, resumed_dir, "--seed", "0", "--max_bad_examples", "8",
+                         "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest",
+                         dataset=corrupted_pickapic)  # fmt: skip
+        resumed = torchrun(SCRIPTS[model], args)
+        assert resumed.returncode == 0, output_of(resumed)
+        a = load_file(os.path.join(output_dir, LORA_NAME))
+        b = load_file(os.path.join(resumed_dir, LORA_NAME))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{key} differs after resume")
 
 
 def test_two_processes_stop_together_when_data_is_mostly_broken(tiny_assets_dir, mostly_broken_pickapic, tmp_path):
