@@ -960,12 +960,13 @@ def check_latent_cache_fits(args, vae, num_rows, num_processes=1, local_processe
     return needed
 
 
-def make_latent_cache(args, vae, num_rows, num_processes, logger):
-    """The run's LatentCache with `--cache_latents` (after checking it fits in host memory), else None."""
+def make_latent_cache(args, vae, pairs, num_processes, logger):
+    """The run's LatentCache with `--cache_latents` (after checking it fits in host memory), else None. `pairs` is
+    the map-style training dataset (streams have no length, and `validate_args` refuses them with the cache)."""
     if not args.cache_latents:
         return None
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    needed = check_latent_cache_fits(args, vae, num_rows, num_processes, local_processes)
+    needed = check_latent_cache_fits(args, vae, len(pairs), num_processes, local_processes)
     logger.info(f"--cache_latents: up to {needed / 2**30:.2f} GiB of host memory on this machine.")
     if args.num_train_epochs <= 1:
         logger.warning("--cache_latents with a single epoch: no encoding will be reused.")

@@ -713,7 +713,7 @@ def main(args):
         disable=not accelerator.is_local_main_process,
     )
     metrics = balanced_dpo.StepMetrics()
-    latent_cache = balanced_dpo.make_latent_cache(args, vae, len(pairs), accelerator.num_processes, logger)
+    latent_cache = balanced_dpo.make_latent_cache(args, vae, pairs, accelerator.num_processes, logger)
     step_start = time.perf_counter()
     unet.train()
     interrupted = False

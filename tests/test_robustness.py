@@ -210,6 +210,7 @@ ARGUMENT_ERRORS = {
     "resume_missing": (["--resume_from_checkpoint", "checkpoint-77"], "does not exist"),
     "both_sources": (["--train_data_dir", "/tmp"], "only one of --dataset_name and --train_data_dir"),
     "streaming_without_steps": (["--streaming"], "--streaming needs --max_train_steps"),
+    "cache_latents_on_a_stream": (["--streaming", "--max_train_steps", "2", "--cache_latents"], "--cache_latents needs a map-style"),
     "precomputed_with_live_options": (["--precomputed_consensus", "--consensus", "mean_prob"], "--precomputed_consensus"),
     "ema_without_updates": (["--ref_update_mode", "ema"], "--ref_update_steps N"),
     "checkpointing_zero": (["--checkpointing_steps", "0"], "--checkpointing_steps must be >= 1"),
