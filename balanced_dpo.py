@@ -996,6 +996,25 @@ def encode_pair_latents(args, vae, batch, index, label, feed_pixel_values, gener
     return latent_cache.encode(vae, feed_pixel_values, keys, args.vae_encode_batch_size, generator)
 
 
+def make_labeler(args, scorer_set):
+    """The run's `rewards.ConsensusLabeler` from the consensus arguments (None with `--precomputed_consensus`)."""
+    if args.precomputed_consensus:
+        return None
+    import rewards
+
+    return rewards.ConsensusLabeler(
+        mode=args.consensus,
+        temperatures=scorer_set.temperatures if scorer_set is not None else None,
+        weights=scorer_set.weights if scorer_set is not None else None,
+        abstain_margin=args.abstain_margin,
+        tie_policy=args.tie_policy,
+        min_agreement=args.min_agreement,
+        human_vote=args.human_vote,
+        seed=args.seed if args.seed is not None else 0,
+        normalize_warmup_pairs=args.normalize_warmup_pairs,
+    )
+
+
 def start_scoring(args, batch, scorer_set):
     """Starts the live scoring of the batch's pairs (asynchronous on CUDA); None when nothing is scored."""
     if args.precomputed_consensus or not args.scored_metrics or batch["batch_size"] == 0:

@@ -1024,6 +1024,14 @@ def _clip_text_embeds(
     return embeds[torch.tensor(index).to(embeds.device, non_blocking=True)]
 
 
+def _clip_cosine(scorer, pixel_values, prompts, context) -> torch.Tensor:
+    """cos(image, text) of a scorer holding a transformers CLIPModel (`model`, `tokenizer`), embeddings shared
+    through `context`."""
+    image = _clip_image_embeds(context, scorer.model, pixel_values, scorer.batch_size, scorer.graphs)
+    text = _clip_text_embeds(context, scorer.model, scorer.tokenizer, prompts, scorer.batch_size, scorer.graphs)
+    return (F.normalize(image, dim=-1) * F.normalize(text, dim=-1)).sum(-1)
+
+
 class LinearStack(nn.Module):
     """An MLP head rebuilt from a state dict with `layers.N.weight/bias` keys (the LAION aesthetic predictor and the
     ImageReward head): Linear layers at the stored indices, identity (dropout at inference) in the gaps, and no
@@ -1077,13 +1085,7 @@ class PickScoreScorer(Scorer):
         return [self.model]
 
     def _score_pixels(self, pixel_values, prompts, context):
-        image = F.normalize(
-            _clip_image_embeds(context, self.model, pixel_values, self.batch_size, self.graphs), dim=-1
-        )
-        text = F.normalize(
-            _clip_text_embeds(context, self.model, self.tokenizer, prompts, self.batch_size, self.graphs), dim=-1
-        )
-        return self.model.logit_scale.float().exp() * (image * text).sum(-1)
+        return self.model.logit_scale.float().exp() * _clip_cosine(self, pixel_values, prompts, context)
 
 
 @register_scorer("clip")
@@ -1106,13 +1108,7 @@ class CLIPScorer(Scorer):
         return [self.model]
 
     def _score_pixels(self, pixel_values, prompts, context):
-        image = F.normalize(
-            _clip_image_embeds(context, self.model, pixel_values, self.batch_size, self.graphs), dim=-1
-        )
-        text = F.normalize(
-            _clip_text_embeds(context, self.model, self.tokenizer, prompts, self.batch_size, self.graphs), dim=-1
-        )
-        return 100.0 * (image * text).sum(-1)
+        return 100.0 * _clip_cosine(self, pixel_values, prompts, context)
 
 
 @register_scorer("aesthetic")

@@ -545,19 +545,7 @@ def main(args):
             offload=args.offload_scorers,
             cuda_graphs=not args.no_scorer_cuda_graphs,
         )
-    labeler = None
-    if not args.precomputed_consensus:
-        labeler = rewards.ConsensusLabeler(
-            mode=args.consensus,
-            temperatures=scorer_set.temperatures if scorer_set is not None else None,
-            weights=scorer_set.weights if scorer_set is not None else None,
-            abstain_margin=args.abstain_margin,
-            tie_policy=args.tie_policy,
-            min_agreement=args.min_agreement,
-            human_vote=args.human_vote,
-            seed=args.seed if args.seed is not None else 0,
-            normalize_warmup_pairs=args.normalize_warmup_pairs,
-        )
+    labeler = balanced_dpo.make_labeler(args, scorer_set)
     bad_examples = preference_data.BadExampleTracker(max_bad_examples, logger=logger)
     progress = balanced_dpo.TrainingProgress()
     generator = balanced_dpo.training_generator(accelerator, args.seed)

@@ -969,22 +969,6 @@ def make_optimizer(args, params):
     return optimizer, description
 
 
-def make_labeler(args, scorer_set):
-    if args.precomputed_consensus:
-        return None
-    return rewards.ConsensusLabeler(
-        mode=args.consensus,
-        temperatures=scorer_set.temperatures if scorer_set is not None else None,
-        weights=scorer_set.weights if scorer_set is not None else None,
-        abstain_margin=args.abstain_margin,
-        tie_policy=args.tie_policy,
-        min_agreement=args.min_agreement,
-        human_vote=args.human_vote,
-        seed=args.seed if args.seed is not None else 0,
-        normalize_warmup_pairs=args.normalize_warmup_pairs,
-    )
-
-
 def training_step(pipeline, args, batch, labeler, metrics, optimizer, lr_scheduler, timer):
     """One optimizer step, as in the training loop of train_balanced_dpo.py / train_balanced_dpo_sdxl.py (one
     process, no accumulation), after the loop has fetched `batch` (with `balanced_dpo.score_ahead`). Returns (kept
@@ -1079,7 +1063,7 @@ def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpoin
         unet.enable_gradient_checkpointing()
     else:
         unet.disable_gradient_checkpointing()
-    labeler = make_labeler(args, pipeline.scorer_set)
+    labeler = balanced_dpo.make_labeler(args, pipeline.scorer_set)
 
     memory = MemoryMeter(device)
     memory.reset()
