@@ -161,7 +161,7 @@ def parse_args(input_args=None):
         type=str,
         default=None,
         choices=["float32", "float16", "bfloat16"],
-        help="Scorer weights dtype (default: float32 on CPU, the pipelines' dtype elsewhere).",
+        help="Scorer weights dtype (default: float16 on CUDA, float32 elsewhere; see rewards.default_scorer_dtype).",
     )
     group.add_argument(
         "--offload_scorers", action="store_true", help="Keep scorers on the CPU, each on the device only to score."
@@ -782,11 +782,7 @@ def main(args):
     start_time = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    scorer_dtype = args.scorer_dtype or (
-        "float32"
-        if device == "cpu"
-        else {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}[args.mixed_precision]
-    )
+    scorer_dtype = args.scorer_dtype or rewards.default_scorer_dtype(device)
     name_a = args.name_a or _default_name(args.pretrained_model_name_or_path, args.lora_a)
     name_b = args.name_b or _default_name(args.pretrained_model_b, args.lora_b)
 

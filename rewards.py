@@ -43,7 +43,7 @@ import os
 import pickle
 import re
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -60,10 +60,12 @@ __all__ = [
     "DEFAULT_TEMPERATURES",
     "CONSENSUS_MODES",
     "TIE_POLICIES",
+    "DROP_REASONS",
     "CLIPImagePreprocessor",
     "PadToSquarePreprocessor",
     "MultiPreprocessor",
     "Scorer",
+    "PooledModel",
     "ScoreCache",
     "ScorerSet",
     "ConsensusResult",
@@ -73,6 +75,7 @@ __all__ = [
     "available_scorers",
     "build_scorer",
     "build_scorers",
+    "default_scorer_dtype",
     "load_reward_config",
     "pairwise_probabilities",
     "consensus",
@@ -106,6 +109,8 @@ CONSENSUS_MODES = [
     "random_metric",
 ]
 TIE_POLICIES = ["mean_prob", "human", "drop"]
+# Why the consensus drops a pair (ConsensusResult.drop_reasons).
+DROP_REASONS = ("human_tie", "no_vote", "tie", "min_agreement")
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -157,6 +162,16 @@ def _resolve_dtype(dtype) -> torch.dtype:
     if key not in _DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(set(_DTYPES))} or a torch.dtype.")
     return _DTYPES[key]
+
+
+def default_scorer_dtype(device) -> str:
+    """The dtype scorers run in when none is given for training or evaluation: float16 on CUDA, float32 elsewhere.
+
+    Scores feed votes, and votes of close pairs flip with rounding: on 512 pairs of the tiny scorers
+    (`benchmarks/scorer_precision.py`), bfloat16 scoring changed 2.0% of the majority labels of float32 scoring and
+    float16 none, at the speed and memory of bfloat16. CPUs run float16 slowly, so they keep float32.
+    """
+    return "float16" if torch.device(device).type == "cuda" else "float32"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -547,8 +562,10 @@ class ScoreContext:
     """Memo for one scoring call: lets scorers that share a model reuse its image/text embeddings and lets all
     scorers share the per-image hashes and row subsets of a preprocessed tensor."""
 
-    def __init__(self):
+    def __init__(self, rows_unique: bool = False):
         self._memo: Dict[Any, Any] = {}
+        # Set by ScorerSet once it has kept only the first of identical rows, so scorers need not look again.
+        self.rows_unique = rows_unique
 
     def get(self, key, compute: Callable[[], Any]):
         if key not in self._memo:
@@ -562,6 +579,71 @@ class ScoreContext:
         rows = tuple(rows)
         index = torch.tensor(rows, dtype=torch.long, device=pixel_values.device)
         return self.get(("subset", id(pixel_values), rows), lambda: pixel_values.index_select(0, index))
+
+
+# Elements of each image compared before two images are compared in full (see `_canonical_rows`).
+_DUPLICATE_SAMPLE_SIZE = 64
+
+
+def _row_samples(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """A few evenly spaced values of each row of `rows` [..., N, D], on the CPU (one small copy)."""
+    step = max(1, rows.shape[-1] // _DUPLICATE_SAMPLE_SIZE)
+    samples = rows[..., ::step][..., :_DUPLICATE_SAMPLE_SIZE].reshape(count, -1).cpu().contiguous()
+    return samples.view(torch.uint8)  # bytes, whatever the dtype (numpy has no bfloat16)
+
+
+def _canonical_rows(samples: List[torch.Tensor], prompts: List[str], equal: Callable[[int, int], bool]):
+    """For each row, the first row with the same pixels (under every preprocessing) and prompt; None when every row
+    is unique, which is the common case and costs a few hashed bytes per row.
+
+    `samples` hold a few values of each row per preprocessing (`_row_samples`): rows whose samples differ cannot be
+    identical, and rows whose samples agree are compared in full with `equal(i, j)`, so the result is exact.
+    Scoring only the first of identical rows makes identical inputs score identically: batched kernels may otherwise
+    round two copies of an image differently, depending on the thread count.
+    """
+    keys = [tuple(s[i].numpy().tobytes() for s in samples) + (prompts[i],) for i in range(len(prompts))]
+    if len(set(keys)) == len(keys):
+        return None
+    canonical, first_by_key = [], {}
+    for i, key in enumerate(keys):
+        candidates = first_by_key.setdefault(key, [])
+        match = next((j for j in candidates if equal(i, j)), None)
+        if match is None:
+            candidates.append(i)
+            match = i
+        canonical.append(match)
+    return None if canonical == list(range(len(keys))) else canonical
+
+
+def _duplicates(samples: List[torch.Tensor], equal: Callable[[int, int], bool], prompts: List[str]):
+    """(canonical rows by image and prompt, canonical rows by image alone: for the prompt-free scorers)."""
+    return _canonical_rows(samples, prompts, equal), _canonical_rows(samples, [""] * len(prompts), equal)
+
+
+def _tensor_duplicates(images: Union[torch.Tensor, Dict[str, torch.Tensor]], prompts: List[str]):
+    """`_duplicates` of pixel tensors [N, 3, H, W] (or a dict of them, one per preprocessing)."""
+    tensors = list(images.values()) if isinstance(images, dict) else [images]
+    n = len(prompts)
+    flat = [t.reshape(n, -1) for t in tensors]
+    samples = [_row_samples(t, n) for t in flat]
+    return _duplicates(samples, lambda i, j: all(torch.equal(t[i], t[j]) for t in flat), prompts)
+
+
+def _select_rows(images, rows: List[int]):
+    index = None
+    selected = {}
+    for key, tensor in images.items() if isinstance(images, dict) else [(None, images)]:
+        if index is None or index.device != tensor.device:
+            index = torch.tensor(rows, dtype=torch.long, device=tensor.device)
+        selected[key] = tensor.index_select(0, index)
+    return selected if isinstance(images, dict) else selected[None]
+
+
+def _expand_rows(values: torch.Tensor, canonical: List[int]) -> torch.Tensor:
+    """Scores of the unique rows [U] -> scores of every row [N], each duplicate taking its first copy's score."""
+    position = {row: k for k, row in enumerate(sorted(set(canonical)))}
+    index = torch.tensor([position[row] for row in canonical], dtype=torch.long, device=values.device)
+    return values.index_select(0, index)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -772,6 +854,15 @@ class Scorer:
         if n == 0:
             return torch.zeros(0)
         if self.cache is None:
+            canonical = None
+            if not context.rows_unique:
+                canonical = _tensor_duplicates(pixel_values, prompts)[1 if self.prompt_free else 0]
+            if canonical is not None:  # identical (image, prompt) rows run once
+                rows = sorted(set(canonical))
+                unique = self.score_on_device(
+                    _select_rows(pixel_values, rows), [prompts[i] for i in rows], ScoreContext(rows_unique=True)
+                )
+                return _expand_rows(unique, canonical)
             with torch.inference_mode():
                 computed = self._score_pixels(pixel_values, prompts, context).detach().float().reshape(-1)
             if computed.numel() != n:
@@ -951,17 +1042,37 @@ def _clip_preprocessor_from(processor_path: str, metric: str) -> CLIPImagePrepro
     )
 
 
-def _load_clip(scorer: Scorer, metric: str, path: str, processor_path: str):
+class PooledModel(NamedTuple):
+    """A scoring model as the scorers of a ScorerSet share it (`model_pool` values).
+
+    `logit_scale` is `exp(logit_scale)` read from the float32 weights before the model was cast to the scoring
+    dtype: in bfloat16 the stored logit scale of PickScore and HPSv2 (log 100) rounds to 4.59375, which would scale
+    PickScore by 98.86 instead of 100 and set the HPSv2 temperature to 0.010115 instead of 0.01.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    preprocessor: Callable
+    logit_scale: float
+
+
+def _fp32_logit_scale(model: nn.Module) -> float:
+    return float(model.logit_scale.detach().double().exp().item())
+
+
+def _load_clip(scorer: Scorer, metric: str, path: str, processor_path: str) -> PooledModel:
     """Loads (or reuses from the scorer set's pool) a transformers CLIPModel with its tokenizer and preprocessor."""
     from transformers import AutoTokenizer, CLIPModel
 
     key = ("clip", os.path.expanduser(str(path)), os.path.expanduser(str(processor_path)), scorer.dtype)
     if key not in scorer.model_pool:
-        model = _from_pretrained(CLIPModel.from_pretrained, path, metric, "CLIP model", dtype=scorer.dtype)
+        # Loaded in float32 so the logit scale is read before the cast (see PooledModel).
+        model = _from_pretrained(CLIPModel.from_pretrained, path, metric, "CLIP model", dtype=torch.float32)
+        logit_scale = _fp32_logit_scale(model)
         model = model.to(device=scorer.device, dtype=scorer.dtype).eval().requires_grad_(False)
         tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, processor_path, metric, "tokenizer")
         preprocessor = _clip_preprocessor_from(processor_path, metric)
-        scorer.model_pool[key] = (model, tokenizer, preprocessor)
+        scorer.model_pool[key] = PooledModel(model, tokenizer, preprocessor, logit_scale)
     return scorer.model_pool[key]
 
 
@@ -1078,14 +1189,16 @@ class PickScoreScorer(Scorer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.model, self.tokenizer, self.preprocessor = _load_clip(self, "pickscore", path, processor_path)
+        self.model, self.tokenizer, self.preprocessor, self.logit_scale = _load_clip(
+            self, "pickscore", path, processor_path
+        )
         self._identity = {"path": str(path), "processor_path": str(processor_path)}
 
     def modules(self):
         return [self.model]
 
     def _score_pixels(self, pixel_values, prompts, context):
-        return self.model.logit_scale.float().exp() * _clip_cosine(self, pixel_values, prompts, context)
+        return self.logit_scale * _clip_cosine(self, pixel_values, prompts, context)
 
 
 @register_scorer("clip")
@@ -1101,7 +1214,7 @@ class CLIPScorer(Scorer):
     def __init__(self, path: str = "openai/clip-vit-large-patch14", processor_path: Optional[str] = None, **kwargs):
         super().__init__(**kwargs)
         processor_path = processor_path or path
-        self.model, self.tokenizer, self.preprocessor = _load_clip(self, "clip", path, processor_path)
+        self.model, self.tokenizer, self.preprocessor, _ = _load_clip(self, "clip", path, processor_path)
         self._identity = {"path": str(path), "processor_path": str(processor_path)}
 
     def modules(self):
@@ -1137,7 +1250,7 @@ class AestheticScorer(Scorer):
         super().__init__(**kwargs)
         processor_path = processor_path or path
         head_file = _resolve_weights_file(head_path, head_filename, "aesthetic", "Aesthetic MLP head")
-        self.model, _, self.preprocessor = _load_clip(self, "aesthetic", path, processor_path)
+        self.model, _, self.preprocessor, _ = _load_clip(self, "aesthetic", path, processor_path)
         self.head = LinearStack(_load_state_dict_file(head_file), source=head_file)
         self.head = self.head.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self._identity = {"path": str(path), "processor_path": str(processor_path), "head_path": str(head_path)}
@@ -1212,6 +1325,7 @@ class HPSv2Scorer(Scorer):
             if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
                 state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
             model.load_state_dict(state, strict=True)
+            logit_scale = _fp32_logit_scale(model)  # before the cast (see PooledModel)
             model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
             cfg = open_clip.get_model_preprocess_cfg(model)
             size = cfg.get("size", 224)
@@ -1219,10 +1333,10 @@ class HPSv2Scorer(Scorer):
             preprocessor = PadToSquarePreprocessor(
                 size=size, image_mean=cfg.get("mean", OPENAI_CLIP_MEAN), image_std=cfg.get("std", OPENAI_CLIP_STD)
             )
-            self.model_pool[key] = (model, open_clip.get_tokenizer(model_name), preprocessor)
-        self.model, self.tokenizer, self.preprocessor = self.model_pool[key]
+            self.model_pool[key] = PooledModel(model, open_clip.get_tokenizer(model_name), preprocessor, logit_scale)
+        self.model, self.tokenizer, self.preprocessor, logit_scale = self.model_pool[key]
         if not self._temperature_override:
-            self.temperature = float(1.0 / self.model.logit_scale.detach().float().exp().item())
+            self.temperature = 1.0 / logit_scale
         self._identity = {"path": str(path), "checkpoint": os.path.basename(checkpoint), "arch": str(arch)}
 
     def modules(self):
@@ -1449,6 +1563,19 @@ def _parse_names(names) -> List[str]:
     return names
 
 
+def _pair_duplicates(pair_inputs: Dict[str, torch.Tensor], prompts: List[str]):
+    """`_tensor_duplicates` of the [2B] rows (images 0 of every pair, then images 1) of [B, 2, 3, H, W] pair
+    tensors, without building that [2B] copy. `prompts` has one prompt per row."""
+    count = len(prompts) // 2
+    flat = [value.flatten(2) for value in pair_inputs.values()]  # [B, 2, D] views
+    samples = [_row_samples(value.transpose(0, 1), 2 * count) for value in flat]
+
+    def equal(i, j):
+        return all(torch.equal(value[i % count, i // count], value[j % count, j // count]) for value in flat)
+
+    return _duplicates(samples, equal, prompts)
+
+
 class PendingScores:
     """Scores of a batch of pairs that may still be computing on the device (see `ScorerSet.score_pairs_async`).
 
@@ -1558,10 +1685,28 @@ class ScorerSet:
         self._set_graphs()
         return self
 
-    def _score_on_device(self, inputs, prompts) -> Dict[str, torch.Tensor]:
+    def _score_on_device(self, inputs, prompts, duplicates=None) -> Dict[str, torch.Tensor]:
+        """Scores every metric, running each image once per distinct prompt (once in all for prompt-free metrics).
+
+        `duplicates` is what `_tensor_duplicates(inputs, prompts)` returns, when the caller has already found it."""
         if not isinstance(inputs, dict):
             inputs = self.preprocessor(inputs)
-        context = ScoreContext()
+        prompts = _as_prompt_list(prompts, len(next(iter(inputs.values()))))
+        if duplicates is None:
+            duplicates = _tensor_duplicates(inputs, prompts)
+        subsets = {}
+
+        def rows_for(scorer):
+            """(inputs, prompts, canonical) to score: the unique rows only, shared by the scorers that use them."""
+            canonical = duplicates[1] if scorer.prompt_free else duplicates[0]
+            if canonical is None:
+                return inputs, prompts, None
+            rows = tuple(sorted(set(canonical)))
+            if rows not in subsets:
+                subsets[rows] = (_select_rows(inputs, list(rows)), [prompts[i] for i in rows])
+            return (*subsets[rows], canonical)
+
+        context = ScoreContext(rows_unique=True)
         results = {}
         for group in self._groups:
             if self.offload:
@@ -1570,7 +1715,9 @@ class ScorerSet:
             try:
                 for name in group:
                     scorer = self.scorers[name]
-                    results[name] = scorer.score_on_device(inputs, prompts, context=context)
+                    unique_inputs, unique_prompts, canonical = rows_for(scorer)
+                    values = scorer.score_on_device(unique_inputs, unique_prompts, context=context)
+                    results[name] = values if canonical is None else _expand_rows(values, canonical)
             finally:
                 if self.offload:
                     for name in group:
@@ -1604,13 +1751,15 @@ class ScorerSet:
             # that queue has been drained by the previous step's synchronisation, so this costs nothing.
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             stream_context = torch.cuda.stream(self._stream)
+        # Identical images are found on the host copies (before the transfer, so without a device synchronisation).
+        duplicates = _pair_duplicates(pair_inputs, prompts + prompts)
         with stream_context:
             # Moved to the device before the [B, 2] -> [2B] reshuffle (a copy) so that copy runs on the device.
             inputs = {}
             for key, value in pair_inputs.items():
                 value = value.to(self.device, non_blocking=True) if asynchronous else value
                 inputs[key] = value.transpose(0, 1).reshape(-1, *value.shape[2:])
-            scores = self._score_on_device(inputs, prompts + prompts)
+            scores = self._score_on_device(inputs, prompts + prompts, duplicates=duplicates)
             values = _scores_to_host(self.names, scores, non_blocking=asynchronous)
             event = None
             if asynchronous:
@@ -1746,6 +1895,27 @@ class ConsensusResult:
     @property
     def num_kept(self) -> int:
         return int(self.keep.sum())
+
+    def drop_reasons(self) -> Dict[str, int]:
+        """Why the dropped pairs were dropped: {reason: count} over DROP_REASONS.
+
+        `human_tie`: in `human` mode, the human label is a tie or unknown. `no_vote`: every voter abstained (identical
+        images, or score differences within --abstain_margin). `tie`: the votes split evenly and the tie policy could
+        not break the tie. `min_agreement`: a label was found but its agreement is below --min_agreement.
+        """
+        unresolved = self.label == 0.5
+        if self.votes:
+            voted = torch.stack([v.cpu() != 0 for v in self.votes.values()]).any(0)
+        else:
+            voted = torch.zeros_like(self.keep.cpu())
+        unresolved, keep = unresolved.cpu(), self.keep.cpu()
+        human = self.mode == "human"
+        return {
+            "human_tie": int(unresolved.sum()) if human else 0,
+            "no_vote": 0 if human else int((unresolved & ~voted).sum()),
+            "tie": 0 if human else int((unresolved & voted).sum()),
+            "min_agreement": int((~unresolved & ~keep).sum()),
+        }
 
 
 class NormalizedSumState:

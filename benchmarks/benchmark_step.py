@@ -691,14 +691,16 @@ def build_full_size_scorers(device, dtype, workdir, seed, offload=False):
         image_mean=hps_cfg.get("mean", rewards.OPENAI_CLIP_MEAN),
         image_std=hps_cfg.get("std", rewards.OPENAI_CLIP_STD),
     )
+
     # The pool keys of rewards.py's loaders: ("clip", path, processor path, dtype), ("open_clip", arch, file, dtype).
+    def pooled(model, tokenizer, preprocessor):
+        return rewards.PooledModel(model, tokenizer, preprocessor, float(model.logit_scale.double().exp()))
+
     pool = {
-        ("clip", pickscore_path, tokenizer_dir, dtype): (clip_h, clip_tokenizer, clip_preprocessor),
-        ("clip", clip_l_path, clip_l_path, dtype): (clip_l, clip_tokenizer, clip_preprocessor),
-        ("open_clip", HPSV2_OPEN_CLIP_ARCH, os.path.abspath(hps_checkpoint), dtype): (
-            hps_model,
-            open_clip.get_tokenizer(HPSV2_OPEN_CLIP_ARCH),
-            hps_preprocessor,
+        ("clip", pickscore_path, tokenizer_dir, dtype): pooled(clip_h, clip_tokenizer, clip_preprocessor),
+        ("clip", clip_l_path, clip_l_path, dtype): pooled(clip_l, clip_tokenizer, clip_preprocessor),
+        ("open_clip", HPSV2_OPEN_CLIP_ARCH, os.path.abspath(hps_checkpoint), dtype): pooled(
+            hps_model, open_clip.get_tokenizer(HPSV2_OPEN_CLIP_ARCH), hps_preprocessor
         ),
     }
     options = {

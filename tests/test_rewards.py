@@ -470,6 +470,18 @@ def test_weights_are_cast_to_dtype(scorer_config, images):
         assert torch.corrcoef(torch.stack([low[name], high[name]]))[0, 1] > 0.95
 
 
+def test_logit_scales_and_temperatures_are_read_in_float32(scorer_config):
+    """In bfloat16, log(100) rounds to 4.59375: PickScore would be scaled by 98.86 and the HPSv2 temperature be 0.010115
+    if they were read from the cast weights."""
+    fp32 = rewards.build_scorers(["pickscore", "hpsv2"], scorer_config)
+    for dtype in ("bfloat16", "float16"):
+        low = rewards.build_scorers(["pickscore", "hpsv2"], scorer_config, dtype=dtype)
+        assert low.scorers["pickscore"].model.logit_scale.dtype == getattr(torch, dtype)
+        assert low.scorers["pickscore"].logit_scale == fp32.scorers["pickscore"].logit_scale
+        assert low.scorers["pickscore"].logit_scale == pytest.approx(100.0, rel=1e-6)
+        assert low.temperatures["hpsv2"] == fp32.temperatures["hpsv2"] == pytest.approx(0.01, rel=1e-6)
+
+
 def test_clip_and_aesthetic_share_one_model_and_one_image_forward(scorer_config, images):
     scorers = rewards.build_scorers(["clip", "aesthetic"], scorer_config)
     model = scorers.scorers["clip"].model
@@ -564,6 +576,47 @@ def test_score_pairs_async_equals_score_pairs_and_follows_a_swap(scorer_set, ima
         torch.testing.assert_close(swapped_0[name], expected_0[name])
         torch.testing.assert_close(swapped_1[name], expected_1[name])
         assert not torch.equal(got_0[name], got_1[name])
+
+
+def test_identical_images_in_one_call_score_identically_and_run_once(scorer_set, images):
+    """The promise: within one scoring call, identical (image, prompt) rows get bit-identical scores, whatever the
+    thread count, because the models see each of them only once."""
+    duplicated = [images[0], images[1], images[0], images[2], images[1], images[0]]
+    prompts = ["a photo"] * 6
+    model = scorer_set.scorers["pickscore"].model
+    vision_calls, hook = _hook_counter(model.vision_model)
+    try:
+        scores = scorer_set.score(duplicated, prompts)
+    finally:
+        hook.remove()
+    assert vision_calls == [3], "the model must see each distinct image once"
+    for name, values in scores.items():
+        assert values[0] == values[2] == values[5] and values[1] == values[4], name
+        assert values[0] != values[1], name
+    # The same image with another prompt is another row for prompt-dependent metrics.
+    other = scorer_set.score([images[0], images[0]], ["a photo", "a drawing"])
+    assert other["pickscore"][0] != other["pickscore"][1]
+    assert other["aesthetic"][0] == other["aesthetic"][1]  # prompt-free, same image: same forward anyway
+    # The same promise through a single scorer, score_pairs and the training path (score_pairs_async).
+    single = scorer_set.scorers["hpsv2"].score(duplicated, prompts)
+    assert single[0] == single[2] == single[5] and single[1] == single[4]
+    pair_0, pair_1 = scorer_set.score_pairs([images[3], images[4]], [images[3], images[5]], ["x", "y"])
+    pending_0, pending_1 = scorer_set.score_pairs_async(
+        _pair_inputs(scorer_set, [images[3], images[4]], [images[3], images[5]]), ["x", "y"]
+    ).result()
+    for name in scorer_set.names:
+        assert pair_0[name][0] == pair_1[name][0] and pending_0[name][0] == pending_1[name][0], name
+        torch.testing.assert_close(pending_0[name], pair_0[name])
+        torch.testing.assert_close(pending_1[name], pair_1[name])
+
+
+def test_rows_equal_in_the_sampled_pixels_only_are_not_merged(scorer_set, images):
+    """Duplicates are found from a few sampled pixels, then confirmed on all of them."""
+    pixels = scorer_set.preprocessor([images[0], images[0]])
+    for key, tensor in pixels.items():
+        tensor[1, 0, 0, 1] += 0.5  # off the sampled grid: only a full comparison can tell the two rows apart
+    assert rewards._tensor_duplicates(pixels, ["p", "p"]) == (None, None)
+    assert rewards._tensor_duplicates(scorer_set.preprocessor([images[0]] * 2), ["p", "q"]) == (None, [0, 0])
 
 
 def test_prompt_buckets_are_few_powers_of_two():
@@ -729,6 +782,20 @@ def test_majority_vote_table():
     strict = rewards.consensus(s0, s1, temperatures=TEMPS, min_agreement=0.7)
     assert strict.keep.tolist() == [False, False, False, False, False]
     assert strict.label.tolist() == result.label.tolist()  # the decision stays visible; keep says it is dropped
+
+
+def test_drop_reasons_say_why_each_pair_was_dropped():
+    s0, s1 = _table([1.0, 1.0, -1.0], [1.0, -1.0, 0.0], [2.0, -1.0, 0.0], [0.0, 0.0, 0.0], [-3.0, -0.5, 0.2])
+    # Pair 1: one vote each way and a mean probability of exactly 0.5; pair 3: identical scores, nobody votes.
+    result = rewards.consensus(s0, s1, temperatures=TEMPS)
+    assert result.drop_reasons() == {"human_tie": 0, "no_vote": 1, "tie": 1, "min_agreement": 0}
+    strict = rewards.consensus(s0, s1, temperatures=TEMPS, min_agreement=0.7)
+    assert strict.drop_reasons() == {"human_tie": 0, "no_vote": 1, "tie": 1, "min_agreement": 3}
+    margin = rewards.consensus(s0, s1, temperatures=TEMPS, abstain_margin=0.45, tie_policy="drop")
+    assert margin.drop_reasons()["no_vote"] == int((~margin.keep).sum())
+    human = rewards.consensus({}, {}, mode="human", human_label=torch.tensor([0.0, 1.0, 0.5, float("nan"), 1.0]))
+    assert human.drop_reasons() == {"human_tie": 2, "no_vote": 0, "tie": 0, "min_agreement": 0}
+    assert set(result.drop_reasons()) == set(rewards.DROP_REASONS)
 
 
 def test_human_vote_tie_breaks_by_mean_probability():
