@@ -119,18 +119,18 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 _HOW_TO = {
     "pickscore": "PickScore is the Hub model 'yuvalkirstain/PickScore_v1' (processor: "
-    "'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'); download it with `huggingface-cli download yuvalkirstain/PickScore_v1` "
+    "'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'); download it with `hf download yuvalkirstain/PickScore_v1` "
     "or pass a local transformers CLIPModel folder as `path`.",
     "clip": "The CLIP score uses the Hub model 'openai/clip-vit-large-patch14'; download it with "
-    "`huggingface-cli download openai/clip-vit-large-patch14` or pass a local transformers CLIPModel folder as `path`.",
+    "`hf download openai/clip-vit-large-patch14` or pass a local transformers CLIPModel folder as `path`.",
     "hpsv2": "HPSv2 weights are 'HPS_v2.1_compressed.pt' (or 'HPS_v2_compressed.pt' for v2.0) in the Hub repo "
-    "'xswu/HPSv2' (https://huggingface.co/xswu/HPSv2); download with `huggingface-cli download xswu/HPSv2 "
+    "'xswu/HPSv2' (https://huggingface.co/xswu/HPSv2); download with `hf download xswu/HPSv2 "
     "HPS_v2.1_compressed.pt` and pass the file as `path`.",
     "aesthetic": "The LAION aesthetic predictor v2 head is 'sac+logos+ava1-l14-linearMSE.pth' from "
     "https://github.com/christophschuhmann/improved-aesthetic-predictor (the same weights are 'aesthetic-model.pth' "
     "in the Hub repo 'trl-lib/ddpo-aesthetic-predictor'); pass the file as `head_path`.",
     "imagereward": "ImageReward weights are 'ImageReward.pt' in the Hub repo 'THUDM/ImageReward' "
-    "(https://huggingface.co/THUDM/ImageReward); download with `huggingface-cli download THUDM/ImageReward "
+    "(https://huggingface.co/THUDM/ImageReward); download with `hf download THUDM/ImageReward "
     "ImageReward.pt` and pass the file as `path` (and a BERT tokenizer, e.g. 'bert-base-uncased', as `tokenizer_path`).",
 }
 
