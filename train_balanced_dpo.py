@@ -17,386 +17,20 @@
 
 Every pair is scored on the fly by several reward models (PickScore, HPSv2, CLIP score, LAION aesthetics, ...);
 `rewards.py` turns the scores into one consensus label (majority vote by default) and the pair is trained with the
-Diffusion-DPO loss in that order. See README.md.
+Diffusion-DPO loss in that order. This file holds what is Stable Diffusion's own (its models, CLIP text
+conditioning, DDPM noise with an epsilon or v-prediction target, its pipeline); the training loop is `training.py`.
+See README.md.
 """
 
-import argparse
-import logging
-import math
-import os
-import time
-from pathlib import Path
-
-import diffusers
-import torch
-import torch.utils.checkpoint
-import transformers
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
 from diffusers.utils import check_min_version
-from peft import LoraConfig
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
 import balanced_dpo
-import preference_data
-import rewards
+import training
 
 
-check_min_version("0.30.0")
-
-logger = get_logger(__name__)
-
-DEFAULT_REWARD_MODELS = "pickscore,hpsv2,clip,aesthetic"
-PRECOMPUTED_COLUMNS = ("consensus_label", "consensus_prob", "agreement")
-
-
-def save_model_card(repo_id, args, images=None, validation_scores=None, repo_folder=None):
-    """Writes the model card (README.md) of the LoRA: base model, data, consensus settings, scores and usage."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    img_str = ""
-    for i, image in enumerate(images or []):
-        image.save(os.path.join(repo_folder, f"image_{i}.png"))
-        img_str += f"![img_{i}](./image_{i}.png)\n"
-    scores_str = ""
-    if validation_scores:
-        scores_str = (
-            "\n## Validation scores (mean over the validation prompts)\n\n| metric | base | LoRA |\n|---|---|---|\n"
-        )
-        for metric, (base, lora) in validation_scores.items():
-            scores_str += f"| {metric} | {base:.4f} | {lora:.4f} |\n"
-    consensus = "precomputed (`rewards.py label`)" if args.precomputed_consensus else args.consensus
-    model_description = f"""
-# BalancedDPO LoRA - {repo_id}
-
-LoRA weights for **{args.pretrained_model_name_or_path}**, trained with BalancedDPO (Diffusion-DPO with a
-multi-metric consensus label) on **{args.dataset_name or args.train_data_dir}**.
-
-- consensus: `{consensus}`, metrics: `{args.reward_models if not args.precomputed_consensus else "from the dataset"}`,
-  tie policy `{args.tie_policy}`, abstain margin {args.abstain_margin}, min agreement {args.min_agreement},
-  human vote: {args.human_vote}, label mode `{args.label_mode}`
-- loss `{args.loss_type}`, beta {args.beta_dpo}, reference updates every {args.ref_update_steps} steps
-  ({args.ref_update_mode}), LoRA rank {args.rank}, learning rate {args.learning_rate},
-  {args.max_train_steps} steps of {args.train_batch_size} pairs x {args.gradient_accumulation_steps} accumulation
-{scores_str}
-{img_str}
-
-## How to use
-
-```python
-import torch
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("{repo_id}")
-image = pipe("a photo of an astronaut riding a horse").images[0]
-```
-"""
-    # Built locally (no Hub round trip), so offline runs and runs without --push_to_hub get the same card.
-    card_data = ModelCardData(
-        license="creativeml-openrail-m",
-        base_model=args.pretrained_model_name_or_path,
-        library_name="diffusers",
-        inference=True,
-        tags=["text-to-image", "diffusers", "diffusers-training", "lora", "dpo", "balanced-dpo", "stable-diffusion"],
-    )
-    model_card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{model_description}")
-    model_card.save(os.path.join(repo_folder, "README.md"))
-
-
-def log_validation(args, accelerator, unet, weight_dtype, step, prompts, scorer_set=None, lora_dir=None):
-    """Generates one image per prompt (and per `--num_validation_images`) with the LoRA and, when scoring, with the
-    base model from the same seeds. Returns (images, {metric: (base mean, lora mean)})."""
-    logger.info(f"Running validation on {len(prompts)} prompts")
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
-        torch_dtype=weight_dtype,
-        safety_checker=None,
-    )
-    if lora_dir is not None:
-        pipeline.load_lora_weights(lora_dir)
-    else:
-        pipeline.unet = accelerator.unwrap_model(unet)
-    pipeline = pipeline.to(accelerator.device)
-    pipeline.set_progress_bar_config(disable=True)
-
-    def generate():
-        images = []
-        for i, prompt in enumerate(prompts):
-            for j in range(args.num_validation_images):
-                seed = (args.seed if args.seed is not None else 0) + i * 1000 + j
-                generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-                images.append(
-                    pipeline(
-                        prompt,
-                        num_inference_steps=args.validation_inference_steps,
-                        generator=generator,
-                        height=args.resolution,
-                        width=args.resolution,
-                    ).images[0]
-                )
-        return images
-
-    lora_images = generate()
-    scores = {}
-    if scorer_set is not None:
-        if lora_dir is not None:
-            pipeline.disable_lora()
-            base_images = generate()
-            pipeline.enable_lora()
-        else:
-            with balanced_dpo.reference_model(accelerator.unwrap_model(unet), dynamic_reference=False):
-                base_images = generate()
-        repeated = [p for p in prompts for _ in range(args.num_validation_images)]
-        lora_scores = scorer_set.score(lora_images, repeated)
-        base_scores = scorer_set.score(base_images, repeated)
-        scores = {m: (base_scores[m].mean().item(), lora_scores[m].mean().item()) for m in lora_scores}
-        logger.info(
-            "Validation scores (base -> LoRA): " + ", ".join(f"{m} {b:.4f} -> {l:.4f}" for m, (b, l) in scores.items())
-        )
-
-    tracker_key = "test" if lora_dir is not None else "validation"
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            import numpy as np
-
-            np_images = np.stack([np.asarray(img) for img in lora_images])
-            tracker.writer.add_images(tracker_key, np_images, step, dataformats="NHWC")
-        if tracker.name == "wandb":
-            import wandb
-
-            tracker.log({tracker_key: [wandb.Image(img, caption=p) for img, p in zip(lora_images, prompts)]})
-        for metric, (base, lora) in scores.items():
-            accelerator.log({f"{tracker_key}/{metric}_base": base, f"{tracker_key}/{metric}_lora": lora}, step=step)
-    pipeline = None  # free memory before training continues
-    return lora_images, scores
-
-
-def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="BalancedDPO LoRA training for Stable Diffusion 1.x / 2.x.")
-    # Model
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        required=True,
-        help="Path to a pretrained pipeline folder or a model identifier from huggingface.co/models.",
-    )
-    group.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
-    group.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
-    # Data
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset_name",
-        type=str,
-        default=None,
-        help="Hub dataset id (e.g. yuvalkirstain/pickapic_v2) or a local path datasets can load.",
-    )
-    group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset config name.")
-    group.add_argument("--train_data_dir", type=str, default=None, help="A local folder of data files instead.")
-    group.add_argument("--dataset_split_name", type=str, default="train", help="The split to train on.")
-    group.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it.")
-    group.add_argument(
-        "--streaming_split",
-        type=str,
-        default="rows",
-        choices=["rows", "shards"],
-        help="How a stream is shared by processes x DataLoader workers: each reads the whole stream and keeps every"
-        " N-th row ('rows': equal shares, fine for local data), or reads whole data files of its own ('shards': each"
-        " file is downloaded once; needs at least as many files as readers).",
-    )
-    group.add_argument("--caption_column", type=str, default="caption")
-    group.add_argument("--image_0_column", type=str, default="jpg_0")
-    group.add_argument("--image_1_column", type=str, default="jpg_1")
-    group.add_argument(
-        "--label_0_column",
-        type=str,
-        default="label_0",
-        help="Human label column (1 = image 0 preferred, 0 = image 1, 0.5 = tie). Pass '' if the data has none.",
-    )
-    group.add_argument("--drop_human_ties", action="store_true", help="Drop pairs the human label calls a tie.")
-    group.add_argument("--proportion_empty_prompts", type=float, default=0.0, help="Share of captions replaced by ''.")
-    group.add_argument("--max_train_samples", type=int, default=None, help="Truncate the dataset (works streaming).")
-    group.add_argument(
-        "--max_bad_examples",
-        type=str,
-        default=None,
-        help="Stop when more rows than this (count, or a fraction < 1) are unusable.",
-    )
-    group.add_argument("--resolution", type=int, default=512, help="Training resolution.")
-    group.add_argument(
-        "--random_crop", action="store_true", help="Random instead of center crops (same crop for both images)."
-    )
-    group.add_argument(
-        "--no_hflip", action="store_true", help="Disable random horizontal flips (same flip for both images)."
-    )
-    group.add_argument(
-        "--dataloader_num_workers", type=int, default=0, help="Data loading processes (0 = main process)."
-    )
-    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
-    # LoRA
-    group = parser.add_argument_group("LoRA")
-    group.add_argument("--rank", type=int, default=8, help="The dimension of the LoRA update matrices.")
-    group.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: equal to --rank).")
-    group.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
-    group.add_argument(
-        "--lora_target_modules",
-        type=str,
-        default="to_k,to_q,to_v,to_out.0",
-        help="Comma-separated UNet module names that get LoRA layers.",
-    )
-    # Consensus
-    group = parser.add_argument_group("consensus")
-    group.add_argument(
-        "--reward_models", type=str, default=DEFAULT_REWARD_MODELS, help="Comma-separated metrics scored on the fly."
-    )
-    group.add_argument(
-        "--reward_config",
-        type=str,
-        default=None,
-        help="JSON mapping metric -> build_scorer options (see `rewards.py calibrate`).",
-    )
-    group.add_argument(
-        "--consensus",
-        type=str,
-        default="majority",
-        help="majority, mean_prob, human, single:<metric>, reward_sum, normalized_sum or random_metric.",
-    )
-    group.add_argument("--tie_policy", type=str, default="mean_prob", choices=["mean_prob", "human", "drop"])
-    group.add_argument("--abstain_margin", type=float, default=0.0, help="A metric abstains when |p - 0.5| <= this.")
-    group.add_argument(
-        "--min_agreement", type=float, default=0.0, help="Drop pairs whose voter agreement is below this."
-    )
-    group.add_argument("--human_vote", action="store_true", help="The human label votes too.")
-    group.add_argument(
-        "--label_mode",
-        type=str,
-        default="hard",
-        choices=["hard", "soft"],
-        help="Hard labels or the consensus probability as a soft target.",
-    )
-    group.add_argument(
-        "--precomputed_consensus",
-        action="store_true",
-        help="Read consensus_label/consensus_prob columns written by `rewards.py label`; load no scorer.",
-    )
-    group.add_argument(
-        "--scorer_dtype",
-        type=str,
-        default=None,
-        choices=["float32", "float16", "bfloat16"],
-        help="Scorer weights dtype (default: the training weight dtype).",
-    )
-    group.add_argument(
-        "--offload_scorers",
-        action="store_true",
-        help="Keep scorers on the CPU and move each to the GPU only while it scores.",
-    )
-    group.add_argument(
-        "--no_scorer_cuda_graphs",
-        action="store_true",
-        help="Run scorer forwards eagerly instead of replaying CUDA graphs (graphs are used on CUDA without offload).",
-    )
-    group.add_argument(
-        "--no_score_ahead",
-        action="store_true",
-        help="Score each batch when it is trained on instead of one batch ahead on a side CUDA stream.",
-    )
-    group.add_argument(
-        "--normalize_warmup_pairs", type=int, default=2048, help="Pairs used to estimate the scales of normalized_sum."
-    )
-    # Loss and reference
-    group = parser.add_argument_group("loss and reference model")
-    group.add_argument("--loss_type", type=str, default="sigmoid", choices=list(balanced_dpo.LOSS_TYPES))
-    group.add_argument(
-        "--beta_dpo", type=float, default=5000.0, help="DPO beta (the same meaning in the SD and SDXL scripts)."
-    )
-    group.add_argument(
-        "--ref_update_steps",
-        type=int,
-        default=0,
-        help="Make the reference the current policy every N optimizer steps (0 = frozen base model).",
-    )
-    group.add_argument("--ref_update_mode", type=str, default="copy", choices=["copy", "ema"])
-    group.add_argument(
-        "--ref_ema_decay", type=float, default=0.9, help="EMA decay of the reference for --ref_update_mode ema."
-    )
-    # Optimization
-    group = parser.add_argument_group("optimization")
-    group.add_argument("--train_batch_size", type=int, default=16, help="Pairs per device per micro-step.")
-    group.add_argument("--num_train_epochs", type=int, default=1)
-    group.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps (overrides epochs).")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
-    group.add_argument("--learning_rate", type=float, default=1e-5)
-    group.add_argument("--scale_lr", action="store_true", help="Scale the lr by GPUs x accumulation x batch size.")
-    group.add_argument("--lr_scheduler", type=str, default="constant", help="Any diffusers scheduler name.")
-    group.add_argument("--lr_warmup_steps", type=int, default=0)
-    group.add_argument("--lr_num_cycles", type=int, default=1)
-    group.add_argument("--lr_power", type=float, default=1.0)
-    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    group.add_argument("--adam_epsilon", type=float, default=1e-08)
-    group.add_argument("--max_grad_norm", default=1.0, type=float)
-    group.add_argument(
-        "--max_nonfinite_steps", type=int, default=5, help="Stop after this many non-finite steps in a row."
-    )
-    group.add_argument("--vae_encode_batch_size", type=int, default=8)
-    group.add_argument(
-        "--cache_latents",
-        action="store_true",
-        help="Keep each image's VAE encoding (per flip and crop) in host memory and reuse it in later epochs; latents "
-        "are still sampled fresh every time. For multi-epoch runs on datasets that fit in RAM.",
-    )
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    group.add_argument("--allow_tf32", action="store_true")
-    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-    group.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
-    # Checkpoints, logging, Hub
-    group = parser.add_argument_group("checkpoints, logging and the Hub")
-    group.add_argument("--output_dir", type=str, default="balanced-dpo-lora")
-    group.add_argument("--checkpointing_steps", type=int, default=500)
-    group.add_argument("--checkpoints_total_limit", type=int, default=None)
-    group.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint-N folder or 'latest'.")
-    group.add_argument("--logging_dir", type=str, default="logs")
-    group.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
-    group.add_argument("--tracker_name", type=str, default="balanced-dpo-lora")
-    group.add_argument("--push_to_hub", action="store_true")
-    group.add_argument("--hub_token", type=str, default=None)
-    group.add_argument("--hub_model_id", type=str, default=None)
-    group.add_argument("--local_rank", type=int, default=-1)
-    # Validation
-    group = parser.add_argument_group("validation")
-    group.add_argument(
-        "--validation_prompts",
-        type=str,
-        nargs="+",
-        default=None,
-        help="Prompts, or one text file with a prompt per line.",
-    )
-    group.add_argument("--num_validation_images", type=int, default=1)
-    group.add_argument("--validation_steps", type=int, default=200)
-    group.add_argument("--validation_inference_steps", type=int, default=25)
-    group.add_argument(
-        "--score_validation", action="store_true", help="Score LoRA and base validation images with the reward models."
-    )
-
-    args = parser.parse_args(input_args) if input_args is not None else parser.parse_args()
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_local_rank != -1 and env_local_rank != args.local_rank:
-        args.local_rank = env_local_rank
-    if args.label_0_column == "":
-        args.label_0_column = None
-    return args
+check_min_version("0.34.0")
 
 
 class TokenizeCaptions:
@@ -407,7 +41,7 @@ class TokenizeCaptions:
 
     def __call__(self, captions):
         ids = self.tokenizer(
-            captions,
+            list(captions),
             max_length=self.tokenizer.model_max_length,
             padding="max_length",
             truncation=True,
@@ -416,524 +50,90 @@ class TokenizeCaptions:
         return {"input_ids": ids}
 
 
-def main(args):
-    balanced_dpo.validate_args(args)
-    max_bad_examples = preference_data.parse_max_bad_examples(args.max_bad_examples)
-    dynamic_reference = args.ref_update_steps > 0
-
-    logging_dir = Path(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    if torch.backends.mps.is_available():
-        accelerator.native_amp = False
-
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
-    )
-    logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
-    else:
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-
-    if args.seed is not None:
-        set_seed(args.seed)
-
-    repo_id = None
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if args.push_to_hub:
-            from huggingface_hub import create_repo
-
-            repo_id = create_repo(
-                repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
-            ).repo_id
-
-    # Data first: a wrong column name must fail before any model is loaded.
-    with accelerator.main_process_first():
-        train_dataset = preference_data.load_preference_dataset(
-            dataset_name=args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            train_data_dir=args.train_data_dir,
-            split=args.dataset_split_name,
-            streaming=args.streaming,
-            cache_dir=args.cache_dir,
-            shuffle_seed=args.seed,
-            max_train_samples=args.max_train_samples,
-        )
-    extra_columns = PRECOMPUTED_COLUMNS[:2] if args.precomputed_consensus else ()
-    preference_data.check_columns(
-        train_dataset,
-        args.caption_column,
-        args.image_0_column,
-        args.image_1_column,
-        label_0_column=args.label_0_column,
-        require_label=args.consensus == "human" or args.human_vote or args.drop_human_ties,
-        extra_columns=extra_columns,
-    )
-
-    weight_dtype = torch.float32
-    if accelerator.mixed_precision == "fp16":
-        weight_dtype = torch.float16
-    elif accelerator.mixed_precision == "bf16":
-        weight_dtype = torch.bfloat16
-
-    # Models
-    noise_scheduler = DDPMScheduler.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
-    )
-    tokenizer = AutoTokenizer.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, use_fast=False
-    )
-    text_encoder = CLIPTextModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, variant=args.variant
-    )
-    vae = AutoencoderKL.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
-    )
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
-    )
-    for model in (vae, text_encoder, unet):
-        model.requires_grad_(False)
-    unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-
-    lora_config = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.rank,
-        lora_dropout=args.lora_dropout,
-        init_lora_weights="gaussian",
-        target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
-    )
-    balanced_dpo.add_lora_adapters(unet, lora_config, dynamic_reference)
-    if accelerator.mixed_precision in ("fp16", "bf16"):
-        # Only the trainable LoRA parameters are upcast; the reference adapter may stay in the weight dtype.
-        cast_training_params(unet, dtype=torch.float32)
-    params_to_optimize = balanced_dpo.freeze_all_but_policy(unet)
-    # Saved with the LoRA so that `load_lora_weights` applies lora_alpha / rank, not 1.
-    lora_metadata = unet.peft_config[balanced_dpo.POLICY_ADAPTER].to_dict()
-
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    # Scorers and the consensus
-    scorer_set = None
-    if args.scored_metrics or args.score_validation:
-        scorer_dtype = (
-            args.scorer_dtype
-            or {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[weight_dtype]
-        )
-        names = args.scored_metrics or args.reward_model_list
-        scorer_set = rewards.build_scorers(
-            names,
-            config=args.reward_config,
-            device=accelerator.device,
-            dtype=scorer_dtype,
-            offload=args.offload_scorers,
-            cuda_graphs=not args.no_scorer_cuda_graphs,
-        )
-    labeler = balanced_dpo.make_labeler(args, scorer_set)
-    bad_examples = preference_data.BadExampleTracker(max_bad_examples, logger=logger)
-    progress = balanced_dpo.TrainingProgress()
-    generator = balanced_dpo.training_generator(accelerator, args.seed)
-
-    # Checkpoints hold only the LoRA adapters (policy and reference) and the small training state.
-    def save_model_hook(models, weights, output_dir):
-        for model in models:
-            unwrapped = accelerator.unwrap_model(model)
-            # Checked on every process, so that all of them stop together instead of waiting for the main one.
-            lora_state = balanced_dpo.adapter_state_dict(unwrapped, balanced_dpo.POLICY_ADAPTER)
-            balanced_dpo.check_finite_lora(lora_state, f"The LoRA of {os.path.basename(output_dir)}")
-            if accelerator.is_main_process:
-                StableDiffusionPipeline.save_lora_weights(
-                    output_dir, unet_lora_layers=lora_state, unet_lora_adapter_metadata=lora_metadata
-                )
-                if dynamic_reference:
-                    balanced_dpo.save_reference_adapter(unwrapped, output_dir)
-                balanced_dpo.save_run_state(output_dir, progress, bad_examples, generator, labeler)
-            if weights:
-                weights.pop()
-        balanced_dpo.save_generator_state(output_dir, generator, accelerator.process_index)
-
-    def load_model_hook(models, input_dir):
-        while models:
-            unwrapped = accelerator.unwrap_model(models.pop())
-            lora_state, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
-            balanced_dpo.load_adapter_state_dict(unwrapped, lora_state, balanced_dpo.POLICY_ADAPTER)
-            if dynamic_reference:
-                balanced_dpo.load_reference_adapter(unwrapped, input_dir)
-            if accelerator.mixed_precision in ("fp16", "bf16"):
-                cast_training_params(unwrapped, dtype=torch.float32)
-            balanced_dpo.freeze_all_but_policy(unwrapped)
-        balanced_dpo.load_run_state(
-            input_dir, progress, bad_examples, generator, labeler, process_index=accelerator.process_index
-        )
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    if args.scale_lr:
-        args.learning_rate = (
-            args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-        )
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ImportError("To use 8-bit Adam, install bitsandbytes: `pip install bitsandbytes`.") from None
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(
-        params_to_optimize,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-
-    # Data pipeline: decoding, joint augmentation, scorer preprocessing and tokenization run in the workers.
-    transform = preference_data.PairTransform(
-        args.resolution, center_crop=not args.random_crop, random_flip=not args.no_hflip
-    )
-    dataset_kwargs = {
-        "transform": transform,
-        "caption_column": args.caption_column,
-        "image_0_column": args.image_0_column,
-        "image_1_column": args.image_1_column,
-        "label_0_column": args.label_0_column,
-        "proportion_empty_prompts": args.proportion_empty_prompts,
-        "drop_human_ties": args.drop_human_ties,
-        "scorer_preprocessor": scorer_set.preprocessor if args.scored_metrics else None,
-        "seed": args.seed if args.seed is not None else 0,
-        "extra_columns": extra_columns,
-    }
-    if args.streaming:
-        pairs = preference_data.StreamingPreferencePairs(
-            train_dataset,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            split_by=args.streaming_split,
-            **dataset_kwargs,
-        )
-    else:
-        pairs = preference_data.PreferencePairs(train_dataset, **dataset_kwargs)
-    train_dataloader = torch.utils.data.DataLoader(
-        pairs,
-        batch_size=args.train_batch_size,
-        shuffle=not args.streaming,
-        collate_fn=preference_data.PairCollator(TokenizeCaptions(tokenizer), resolution=args.resolution),
-        num_workers=args.dataloader_num_workers,
-        worker_init_fn=balanced_dpo.ignore_stop_signals,
-        pin_memory=accelerator.device.type == "cuda",  # lets the scorer inputs reach the GPU asynchronously
-        drop_last=False,
-        # Its own generator, so creating an iterator never draws from the global RNG.
-        generator=torch.Generator().manual_seed(args.seed if args.seed is not None else 0),
-    )
-
-    if args.streaming:
-        num_update_steps_per_epoch = None
-    else:
-        num_update_steps_per_epoch = math.ceil(
-            math.ceil(len(train_dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps
-        )
-        if args.max_train_steps is None:
-            args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
-
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
-    )
-    if args.streaming:
-        # Streaming pairs shard themselves across processes; accelerate would read every row on every rank.
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    else:
-        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-            unet, optimizer, train_dataloader, lr_scheduler
-        )
-        num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-        args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    unwrapped_unet = accelerator.unwrap_model(unet)
-
-    if accelerator.is_main_process and args.report_to != "none":
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_name, config=tracker_config)
-
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running BalancedDPO training *****")
-    logger.info(
-        f"  Consensus = {'precomputed' if args.precomputed_consensus else args.consensus}, scored metrics = {args.scored_metrics}"
-    )
-    logger.info(f"  Pairs per optimizer step = {total_batch_size}, optimizer steps = {args.max_train_steps}")
-
-    resume_path = balanced_dpo.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint and resume_path is None:
-        logger.info(f"No checkpoint found in {args.output_dir}; starting a new training run.")
-    if resume_path is not None:
-        logger.info(f"Resuming from checkpoint {resume_path}")
-        accelerator.load_state(resume_path)
-
-    # SIGTERM/SIGINT (preemption, Ctrl-C): finish the current optimizer step, save a checkpoint, exit cleanly.
-    graceful_stop = balanced_dpo.GracefulStop()
-
-    validation_prompts = balanced_dpo.read_validation_prompts(args.validation_prompts)
-    progress_bar = tqdm(
-        range(args.max_train_steps),
-        initial=progress.global_step,
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
-    metrics = balanced_dpo.StepMetrics()
-    latent_cache = balanced_dpo.make_latent_cache(args, vae, pairs, accelerator.num_processes, logger)
-    step_start = time.perf_counter()
-    unet.train()
-    interrupted = False
-
-    with graceful_stop:
-        while progress.global_step < args.max_train_steps and not interrupted:
-            epoch = progress.epoch
-            pairs.set_epoch(epoch)
-            if hasattr(train_dataloader, "set_epoch"):
-                train_dataloader.set_epoch(epoch)
-            epoch_loader = train_dataloader
-            if progress.batches_in_epoch > 0 and not args.streaming:
-                epoch_loader = accelerator.skip_first_batches(train_dataloader, progress.batches_in_epoch)
-            elif progress.batches_in_epoch > 0:
-                # Skips the rows already trained on without decoding them; the batch order stays the same.
-                pairs.skip_batches(progress.batches_in_epoch, args.train_batch_size)
-            # Scoring of the next batch overlaps this one's step (on CUDA); see balanced_dpo.score_ahead.
-            for batch in balanced_dpo.score_ahead(epoch_loader, args, scorer_set):
-                progress.batches_in_epoch += 1
-                balanced_dpo.record_bad_examples(accelerator, bad_examples, batch)
-
-                # 1. Consensus label for every pair of the batch.
-                label, prob, keep = balanced_dpo.consensus_for_batch(
-                    args, accelerator, batch, scorer_set, labeler, metrics
-                )
-                if balanced_dpo.no_pairs_on_some_process(accelerator, keep):
-                    progress.skipped_batches += 1
-                    continue  # skipped on every process alike, without touching the optimizer
-
-                with accelerator.accumulate(unet):
-                    loss = dpo_step(
-                        args,
-                        accelerator,
-                        batch,
-                        label,
-                        prob,
-                        keep,
-                        unet,
-                        unwrapped_unet,
-                        vae,
-                        text_encoder,
-                        noise_scheduler,
-                        weight_dtype,
-                        dynamic_reference,
-                        metrics,
-                        generator,
-                        latent_cache,
-                    )
-                    finite = torch.isfinite(loss.detach()).float()
-                    if accelerator.num_processes > 1:
-                        finite = accelerator.reduce(finite.to(accelerator.device), "min")
-                    if finite.item() > 0:
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            grad_norm = accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
-                            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                                finite = torch.zeros(())
-                    if finite.item() > 0:
-                        optimizer.step()
-                        lr_scheduler.step()
-                    else:
-                        progress.nonfinite_steps += 1
-                        logger.warning(f"Non-finite loss or gradient at step {progress.global_step}; step skipped.")
-                        if progress.nonfinite_steps >= args.max_nonfinite_steps:
-                            raise RuntimeError(
-                                f"{progress.nonfinite_steps} non-finite steps in a row. Lower --learning_rate or --beta_dpo,"
-                                " or use --mixed_precision bf16 instead of fp16. The last checkpoint is intact."
-                            )
-                    optimizer.zero_grad(set_to_none=True)
-
-                if accelerator.sync_gradients:
-                    if finite.item() > 0:
-                        progress.nonfinite_steps = 0
-                    progress.global_step += 1
-                    progress_bar.update(1)
-                    if dynamic_reference and progress.global_step % args.ref_update_steps == 0:
-                        balanced_dpo.update_reference_adapter(unwrapped_unet, args.ref_update_mode, args.ref_ema_decay)
-
-                    metrics.step_seconds = time.perf_counter() - step_start
-                    logs = metrics.reduce(accelerator)
-                    logs["lr"] = lr_scheduler.get_last_lr()[0]
-                    logs["bad_examples"] = bad_examples.num_bad
-                    logs["skipped_batches"] = progress.skipped_batches
-                    accelerator.log(logs, step=progress.global_step)
-                    progress_bar.set_postfix(
-                        loss=f"{logs.get('loss', float('nan')):.4f}",
-                        acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
-                    )
-                    metrics.reset()
-                    step_start = time.perf_counter()
-
-                    # A stop on the last step simply finishes the run (and writes the final LoRA).
-                    stopping = graceful_stop.requested(accelerator) and progress.global_step < args.max_train_steps
-                    if stopping or progress.global_step % args.checkpointing_steps == 0:
-                        balanced_dpo.save_checkpoint(
-                            accelerator, args.output_dir, progress.global_step, args.checkpoints_total_limit, logger
-                        )
-                    if stopping:
-                        logger.info(
-                            f"Stopping on a signal at step {progress.global_step}: checkpoint saved. Resume with"
-                            " --resume_from_checkpoint latest."
-                        )
-                        interrupted = True
-                        break
-                    if validation_prompts and progress.global_step % args.validation_steps == 0:
-                        if accelerator.is_main_process:
-                            log_validation(
-                                args,
-                                accelerator,
-                                unet,
-                                weight_dtype,
-                                progress.global_step,
-                                validation_prompts,
-                                scorer_set if args.score_validation else None,
-                            )
-                        accelerator.wait_for_everyone()
-                    if progress.global_step >= args.max_train_steps:
-                        break
-            else:
-                progress.epoch += 1
-                progress.batches_in_epoch = 0
-                if args.streaming and progress.global_step == 0 and progress.skipped_batches == 0:
-                    raise ValueError("The streaming dataset yielded no usable pairs.")
-
-    if latent_cache is not None:
-        logger.info(
-            f"Latent cache: {len(latent_cache)} images, {latent_cache.nbytes / 2**30:.2f} GiB; "
-            f"{latent_cache.hits} hits, {latent_cache.misses} encodes."
-        )
-    accelerator.wait_for_everyone()
-    if interrupted:
-        accelerator.end_training()
-        return None
-
-    # Final LoRA, model card and Hub upload.
-    lora_path = None
-    if accelerator.is_main_process:
-        lora_state = balanced_dpo.adapter_state_dict(unwrapped_unet, balanced_dpo.POLICY_ADAPTER)
-        balanced_dpo.check_finite_lora(lora_state, "The trained LoRA")
-        StableDiffusionPipeline.save_lora_weights(
-            args.output_dir, unet_lora_layers=lora_state, unet_lora_adapter_metadata=lora_metadata
-        )
-        lora_path = os.path.join(args.output_dir, "pytorch_lora_weights.safetensors")
-        logger.info(f"LoRA weights saved to {lora_path}")
-
-        images, scores = [], {}
-        if validation_prompts:
-            del unet
-            images, scores = log_validation(
-                args,
-                accelerator,
-                None,
-                weight_dtype,
-                progress.global_step,
-                validation_prompts,
-                scorer_set if args.score_validation else None,
-                lora_dir=args.output_dir,
-            )
-        save_model_card(
-            repo_id or Path(args.output_dir).name,
-            args,
-            images=images,
-            validation_scores=scores,
-            repo_folder=args.output_dir,
-        )
-        if args.push_to_hub:
-            from huggingface_hub import upload_folder
-
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                commit_message="End of training",
-                ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*", "step_*", "epoch_*"],
-                token=args.hub_token,
-            )
-    accelerator.end_training()
-    return lora_path
-
-
 def encode_prompt(text_encoder, input_ids):
+    """The UNet's cross-attention conditioning: the last hidden states of the CLIP text encoder."""
     return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
 
 
-def dpo_step(
-    args,
-    accelerator,
-    batch,
-    label,
-    prob,
-    keep,
-    unet,
-    unwrapped_unet,
-    vae,
-    text_encoder,
-    noise_scheduler,
-    weight_dtype,
-    dynamic_reference,
-    metrics,
-    generator,
-    latent_cache=None,
-):
-    """One micro-step of Diffusion-DPO on the kept pairs of the batch, winner/loser ordered by the consensus."""
-    device = accelerator.device
-    index, weights = balanced_dpo.kept_pairs(keep)
-    weights = weights.to(device)
-    label, prob = label[index], prob[index]
-    pixel_values_0 = batch["pixel_values_0"][index.to(batch["pixel_values_0"].device)].to(device, dtype=weight_dtype)
-    pixel_values_1 = batch["pixel_values_1"][index.to(batch["pixel_values_1"].device)].to(device, dtype=weight_dtype)
-    input_ids = batch["input_ids"][index.to(batch["input_ids"].device)]
+class StableDiffusionFamily(training.ModelFamily):
+    """Stable Diffusion 1.x / 2.x: UNet, one CLIP text encoder, DDPM noise, epsilon or v-prediction."""
 
-    # Winner first, loser second along the batch dimension.
-    feed_pixel_values = balanced_dpo.order_by_label(pixel_values_0, pixel_values_1, label)
-    with torch.no_grad():
-        latents = balanced_dpo.encode_pair_latents(
-            args, vae, batch, index, label, feed_pixel_values, generator, latent_cache
+    pipeline_class = StableDiffusionPipeline
+    denoiser_name = "unet"
+    description = "Stable Diffusion 1.x / 2.x"
+    defaults = {
+        "resolution": 512,
+        "train_batch_size": 16,
+        "output_dir": "balanced-dpo-lora",
+        "lora_target_modules": "to_k,to_q,to_v,to_out.0",
+        "validation_inference_steps": 25,
+    }
+    model_card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
+
+    def __init__(self, args, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype):
+        super().__init__(args, unet, vae, weight_dtype)
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler
+
+    @classmethod
+    def from_pretrained(cls, args, device, weight_dtype):
+        path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision, use_fast=False)
+        text_encoder = CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", revision=revision, variant=variant
         )
-        encoder_hidden_states = encode_prompt(text_encoder, input_ids).repeat(2, 1, 1)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)
+        for model in (unet, vae, text_encoder):
+            model.requires_grad_(False)
+            model.to(device, dtype=weight_dtype)
+        return cls(args, unet, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype)
 
-    return balanced_dpo.diffusion_dpo_loss(
-        args,
-        unet,
-        unwrapped_unet,
-        latents,
-        {"encoder_hidden_states": encoder_hidden_states},
-        noise_scheduler,
-        label,
-        prob,
-        weights,
-        dynamic_reference,
-        metrics,
-        generator=generator,
-    )
+    def tokenize_fn(self):
+        return TokenizeCaptions(self.tokenizer)
+
+    def conditioning(self, batch, index, label):
+        input_ids = batch["input_ids"][index.to(batch["input_ids"].device)]
+        return {"encoder_hidden_states": encode_prompt(self.text_encoder, input_ids).repeat(2, 1, 1)}
+
+    def noised_pairs(self, latents, generator):
+        return balanced_dpo.ddpm_noised_pairs(self.noise_scheduler, latents, generator)
+
+    def predict(self, model, noised, conditioning):
+        return model(noised.model_input, noised.timesteps, return_dict=False, **conditioning)[0]
+
+    def validation_pipeline(self, lora_dir=None):
+        args = self.args
+        components = {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+        if lora_dir is None:
+            components["unet"] = self.denoiser
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path,
+            revision=args.revision,
+            variant=args.variant,
+            torch_dtype=self.weight_dtype,
+            safety_checker=None,
+            **components,
+        )
+        if lora_dir is not None:
+            pipeline.load_lora_weights(lora_dir)
+        return pipeline
+
+    def default_license(self):
+        # SD 2.x (OpenCLIP-H text encoder, 1024-wide cross-attention) is released under openrail++.
+        if self.text_encoder.config.hidden_size == 1024:
+            return "openrail++"
+        return "creativeml-openrail-m"
+
+
+def parse_args(input_args=None):
+    return training.parse_args(StableDiffusionFamily, input_args)
+
+
+def main(args):
+    return training.train(args, StableDiffusionFamily)
 
 
 if __name__ == "__main__":

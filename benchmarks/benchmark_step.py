@@ -24,8 +24,9 @@ In one process and on the same models, times the training step of `train_balance
 
 For each mode, pairs per step and gradient checkpointing setting it reports the median step time, pairs per second,
 peak memory, the share of the step spent scoring, a breakdown of the step, and ratios against `human`. The step is
-the training scripts' own code (`balanced_dpo.consensus_for_batch`, the scripts' `dpo_step`, the same backward,
-clipping and optimizer calls); batches come from the real data pipeline (`preference_data.PreferencePairs` and
+the training loop's own code: `training.micro_batches` (where scoring the next batch starts), `DPOTrainer.consensus`,
+`DPOTrainer.accumulate` (the family's conditioning, noise and prediction, the loss, backward) and
+`DPOTrainer.optimizer_step`; batches come from the training data pipeline (`training.make_pair_dataset` and
 `PairCollator`, including the scorers' 224 px preprocessing), prepared before timing as DataLoader workers would.
 
     # CPU, tiny random models (seconds)
@@ -42,7 +43,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import inspect
 import io
 import json
 import os
@@ -68,6 +68,7 @@ import balanced_dpo  # noqa: E402
 import preference_data  # noqa: E402
 import rewards  # noqa: E402
 import tiny_assets  # noqa: E402
+import training  # noqa: E402
 
 
 # live_plain: live scoring as a plain implementation does it (eager forwards, each batch scored when it is
@@ -393,18 +394,26 @@ class Instrumentation:
     `balanced_dpo.reference_model`) the reference forward.
     """
 
-    def __init__(self, timer, vae, text_encoders, unet):
+    def __init__(self, timer, vae, text_encoders, unet, accelerator):
         self.timer = timer
         self.handles = []
         self.vae = vae
+        self.accelerator = accelerator
         self._unet_stack = []
         original_encode = vae.encode
+        original_backward = accelerator.backward
 
         def timed_encode(*args, **kwargs):
             with timer.phase("vae_encode"):
                 return original_encode(*args, **kwargs)
 
-        vae.encode = timed_encode  # an instance attribute shadowing the method; removed in `remove()`
+        def timed_backward(*args, **kwargs):
+            with timer.phase("unet_backward"):
+                return original_backward(*args, **kwargs)
+
+        # Instance attributes shadowing the methods; removed in `remove()`.
+        vae.encode = timed_encode
+        accelerator.backward = timed_backward
         for encoder in text_encoders:
             self.handles.append(encoder.register_forward_pre_hook(lambda module, args: timer.start("text_encode")))
             self.handles.append(encoder.register_forward_hook(lambda module, args, out: timer.stop("text_encode")))
@@ -430,6 +439,8 @@ class Instrumentation:
         self.handles = []
         if "encode" in self.vae.__dict__:
             del self.vae.encode
+        if "backward" in self.accelerator.__dict__:
+            del self.accelerator.backward
 
 
 def _proc_status_kib(field):
@@ -494,44 +505,36 @@ def is_out_of_memory(error) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def call_with(fn, **available):
-    """Calls `fn` with the keyword arguments it declares, taken from `available` (robust to argument order)."""
-    params = inspect.signature(fn).parameters
-    missing = [
-        name
-        for name, p in params.items()
-        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in available
-    ]
-    if missing:
-        raise TypeError(f"{getattr(fn, '__qualname__', fn)} needs {missing}, which the benchmark does not provide.")
-    return fn(**{name: value for name, value in available.items() if name in params})
-
-
 @dataclasses.dataclass
 class Pipeline:
-    """The training components of one model, set up as the training script sets them up."""
+    """The models of one family, set up as the training script sets them up (LoRA added, frozen weights cast)."""
 
     name: str
     spec: ModelSpec
     resolution: int
-    script: object
+    family_class: type
+    family: object  # a training.ModelFamily holding the models
     accelerator: object
-    unet: object  # as prepared by accelerate (autocast wrapper under mixed precision)
-    unwrapped_unet: object
-    vae: object
-    text_encoders: list
-    tokenizers: list
-    noise_scheduler: object
-    weight_dtype: torch.dtype
     params_to_optimize: list
+    text_encoders: list
     scorer_set: object = None
     reward_config: Optional[str] = None
-    generator: object = None
-    prompt_encoder: object = None
     scorers_on_device: bool = True
 
+    @property
+    def denoiser(self):
+        return self.family.denoiser
 
-def training_args(script, spec, resolution, mode, pairs, gradient_checkpointing, options, reward_config=None):
+    @property
+    def vae(self):
+        return self.family.vae
+
+    @property
+    def weight_dtype(self):
+        return self.family.weight_dtype
+
+
+def training_args(family_class, spec, resolution, mode, pairs, gradient_checkpointing, options, reward_config=None):
     """The training script's own argument namespace for one configuration (its defaults for everything else)."""
     argv = [
         "--pretrained_model_name_or_path", "benchmark",
@@ -561,11 +564,8 @@ def training_args(script, spec, resolution, mode, pairs, gradient_checkpointing,
             argv += ["--no_scorer_cuda_graphs", "--no_score_ahead"]
         if reward_config is not None:
             argv += ["--reward_config", reward_config]
-    args = script.parse_args(argv)
-    balanced_dpo.validate_args(args)
-    if hasattr(script, "validate_sdxl_args"):
-        script.validate_sdxl_args(args)
-    return args
+    args = training.parse_args(family_class, argv)
+    return args, training.validate_args(args, family_class)
 
 
 def _cast_models(pipeline_parts, device, weight_dtype, vae_dtype):
@@ -731,18 +731,15 @@ def count_parameters(module) -> int:
 
 
 def build_pipeline(name, options, accelerator, device, workdir):
-    """Builds the models of `name` and sets them up exactly as the training script's `main` does."""
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-
+    """Builds the models of `name` as the family's `from_pretrained` would and adds the LoRA as `training.train` does."""
     spec = MODEL_SPECS[name]
     if spec.sdxl:
-        import train_balanced_dpo_sdxl as script
+        from train_balanced_dpo_sdxl import StableDiffusionXLFamily as family_class
     else:
-        import train_balanced_dpo as script
+        from train_balanced_dpo import StableDiffusionFamily as family_class
     resolution = options.resolution or spec.resolution
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[options.mixed_precision]
-    scorer_dtype = weight_dtype  # the training default (--scorer_dtype unset)
+    scorer_dtype = rewards.default_scorer_dtype(device)  # the training default (--scorer_dtype unset)
     need_scorers = any(m.startswith("live") for m in options.modes)
     reward_config = None
     if spec.full_size:
@@ -768,53 +765,30 @@ def build_pipeline(name, options, accelerator, device, workdir):
                 offload=options.offload_scorers,
             )
 
-    # What the training script's main() does with the models, in the same order.
-    args = training_args(script, spec, resolution, "human", 1, False, options)
+    # What the family's from_pretrained and training.train do with the models, in the same order.
+    args, plan = training_args(family_class, spec, resolution, "human", 1, False, options)
     vae_dtype = weight_dtype
     if spec.sdxl and args.pretrained_vae_model_name_or_path is None:
         vae_dtype = torch.float32  # the stock SDXL VAE overflows in fp16: the script keeps it in fp32
     _cast_models((unet, vae, text_encoders), device, weight_dtype, vae_dtype)
-    lora_config = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.rank,
-        lora_dropout=args.lora_dropout,
-        init_lora_weights="gaussian",
-        target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
-    )
-    balanced_dpo.add_lora_adapters(unet, lora_config, dynamic_reference=False)
-    if options.mixed_precision in ("fp16", "bf16"):
-        cast_training_params(unet, dtype=torch.float32)
-    params_to_optimize = balanced_dpo.freeze_all_but_policy(unet)
-    unet.train()
-    prepared_unet = accelerator.prepare(unet)
-    pipeline = Pipeline(
+    if spec.sdxl:
+        family = family_class(args, unet, vae, text_encoders, tokenizers, noise_scheduler, weight_dtype)
+    else:
+        family = family_class(args, unet, vae, text_encoders[0], tokenizers[0], noise_scheduler, weight_dtype)
+    params_to_optimize, _ = training.add_lora(args, plan, family, accelerator)
+    family.denoiser.train()
+    return Pipeline(
         name=name,
         spec=spec,
         resolution=resolution,
-        script=script,
+        family_class=family_class,
+        family=family,
         accelerator=accelerator,
-        unet=prepared_unet,
-        unwrapped_unet=accelerator.unwrap_model(prepared_unet),
-        vae=vae,
-        text_encoders=text_encoders,
-        tokenizers=tokenizers,
-        noise_scheduler=noise_scheduler,
-        weight_dtype=weight_dtype,
         params_to_optimize=params_to_optimize,
+        text_encoders=list(text_encoders),
         scorer_set=scorer_set,
         reward_config=reward_config,
     )
-    if spec.sdxl:
-        pipeline.prompt_encoder = call_with(
-            script.PromptEncoder,
-            tokenizers=tokenizers,
-            text_encoders=tuple(text_encoders),
-            device=device,
-            cache=getattr(args, "cache_text_embeddings", False),
-        )
-    else:
-        pipeline.generator = balanced_dpo.training_generator(accelerator, options.seed)
-    return pipeline
 
 
 def reference_switch_ms(unet, repeats=5):
@@ -831,7 +805,7 @@ def reference_switch_ms(unet, repeats=5):
 
 
 def describe_pipeline(pipeline, options):
-    unet = pipeline.unwrapped_unet
+    unet = pipeline.denoiser
     info = {
         "model": pipeline.name,
         "resolution": pipeline.resolution,
@@ -902,24 +876,14 @@ def make_rows(num_pairs, image_size, seed=0):
     return rows
 
 
-def make_batch(pipeline, rows, pairs, seed=0):
+def make_batch(pipeline, args, plan, rows, pairs):
+    """One batch of `pairs` pairs through the training data pipeline (`training.make_pair_dataset` and the collator
+    of the family), with the columns that `args` needs."""
     import datasets
 
-    script = pipeline.script
-    extra_columns = tuple(script.PRECOMPUTED_COLUMNS[:2])
     dataset = datasets.Dataset.from_list(rows[:pairs])
-    pair_dataset = preference_data.PreferencePairs(
-        dataset,
-        transform=preference_data.PairTransform(pipeline.resolution, center_crop=False, random_flip=True),
-        scorer_preprocessor=pipeline.scorer_set.preprocessor if pipeline.scorer_set is not None else None,
-        seed=seed,
-        extra_columns=extra_columns,
-    )
-    if pipeline.spec.sdxl:
-        tokenize = script.TokenizeCaptions(pipeline.tokenizers)
-    else:
-        tokenize = script.TokenizeCaptions(pipeline.tokenizers[0])
-    collate = preference_data.PairCollator(tokenize, resolution=pipeline.resolution)
+    pair_dataset = training.make_pair_dataset(args, plan, dataset, pipeline.scorer_set, pipeline.accelerator)
+    collate = preference_data.PairCollator(pipeline.family.tokenize_fn(), resolution=pipeline.resolution)
     batch = collate(pair_dataset.__getitems__(list(range(pairs))))
     if batch["batch_size"] != pairs:
         raise RuntimeError(f"The benchmark batch has {batch['batch_size']} usable pairs instead of {pairs}.")
@@ -953,69 +917,30 @@ def adamw8bit_class(device):
 
 
 def make_optimizer(args, params):
-    """The training script's optimizer (AdamW8bit with --use_8bit_adam); returns (optimizer, description)."""
-    optimizer_class, description = torch.optim.AdamW, "torch AdamW"
+    """The training script's optimizer (`training.make_optimizer`: AdamW8bit with --use_8bit_adam, falling back to
+    AdamW where bitsandbytes cannot run on the device); returns (optimizer, description)."""
+    description = "torch AdamW"
     if args.use_8bit_adam:
         adamw8bit, reason = adamw8bit_class(params[0].device)
         if adamw8bit is not None:
-            optimizer_class, description = adamw8bit, "bitsandbytes AdamW8bit"
+            description = "bitsandbytes AdamW8bit"
         else:
+            args.use_8bit_adam = False
             description = f"torch AdamW (bitsandbytes AdamW8bit unavailable: {reason})"
-    optimizer = optimizer_class(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    return optimizer, description
+    return training.make_optimizer(args, params), description
 
 
-def training_step(pipeline, args, batch, labeler, metrics, optimizer, lr_scheduler, timer):
-    """One optimizer step, as in the training loop of train_balanced_dpo.py / train_balanced_dpo_sdxl.py (one
-    process, no accumulation), after the loop has fetched `batch` (with `balanced_dpo.score_ahead`). Returns (kept
-    pairs, finite). Backward and the optimizer step run even when the loss is not finite, so that every timed step
-    does the same work."""
-    accelerator = pipeline.accelerator
+def training_step(trainer, micro_batches, timer):
+    """One optimizer step of the training loop (one micro-batch, no accumulation): the loop's own batch iteration
+    (`training.micro_batches`, where the scoring of the next batch starts), the consensus, the loss, backward and
+    `DPOTrainer.optimizer_step`. Returns the StepOutcome."""
     start = time.perf_counter()
-    scorer_set = pipeline.scorer_set if args.scored_metrics else None
-    label, prob, keep = balanced_dpo.consensus_for_batch(args, accelerator, batch, scorer_set, labeler, metrics)
+    batch, _, _ = next(micro_batches)
+    labels = trainer.consensus(batch)
     timer.add_seconds("consensus", time.perf_counter() - start)
-    kept = int(keep.sum())
-    if kept == 0:
-        return 0, True  # the training loop skips such a batch
-    with accelerator.accumulate(pipeline.unet):
-        loss = call_with(
-            pipeline.script.dpo_step,
-            args=args,
-            accelerator=accelerator,
-            batch=batch,
-            label=label,
-            prob=prob,
-            keep=keep,
-            unet=pipeline.unet,
-            unwrapped_unet=pipeline.unwrapped_unet,
-            vae=pipeline.vae,
-            text_encoder=pipeline.text_encoders[0],
-            prompt_encoder=pipeline.prompt_encoder,
-            noise_scheduler=pipeline.noise_scheduler,
-            weight_dtype=pipeline.weight_dtype,
-            dynamic_reference=False,
-            metrics=metrics,
-            generator=pipeline.generator,
-        )
-        finite = torch.isfinite(loss.detach()).float().item() > 0  # the training loop's check (a device sync)
-        with timer.phase("unet_backward"):
-            accelerator.backward(loss)
-        with timer.phase("optimizer"):
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(pipeline.params_to_optimize, args.max_grad_norm)
-                if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                    finite = False
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-    return kept, finite
+    trainer.accumulate(batch, labels)
+    with timer.phase("optimizer"):
+        return trainer.optimizer_step()
 
 
 def place_scorers(pipeline, live, device):
@@ -1031,7 +956,7 @@ def place_scorers(pipeline, live, device):
     free_memory(device, collect=False)
 
 
-def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpointing, batch, timer, instrumentation):
+def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpointing, rows, timer, instrumentation):
     from diffusers.optimization import get_scheduler
 
     spec = pipeline.spec
@@ -1047,8 +972,8 @@ def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpoin
         "warmup_steps": warmup_steps,
         "steps": steps,
     }
-    args = training_args(
-        pipeline.script,
+    args, plan = training_args(
+        pipeline.family_class,
         spec,
         pipeline.resolution,
         mode,
@@ -1057,15 +982,15 @@ def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpoin
         options,
         pipeline.reward_config,
     )
+    pipeline.family.args = args  # the family reads its arguments (resolution, SDXL-Turbo) at every step
     place_scorers(pipeline, mode.startswith("live"), device)
     if pipeline.scorer_set is not None:
         pipeline.scorer_set.set_cuda_graphs(not args.no_scorer_cuda_graphs)
-    unet = pipeline.unwrapped_unet
     if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        pipeline.denoiser.enable_gradient_checkpointing()
     else:
-        unet.disable_gradient_checkpointing()
-    labeler = balanced_dpo.make_labeler(args, pipeline.scorer_set)
+        pipeline.denoiser.disable_gradient_checkpointing()
+    batch = make_batch(pipeline, args, plan, rows, pairs)
 
     memory = MemoryMeter(device)
     memory.reset()
@@ -1073,33 +998,44 @@ def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpoin
     # Prepared as in training: under fp16 the accelerated optimizer unscales and skips steps through the grad scaler.
     optimizer = pipeline.accelerator.prepare(optimizer)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=0, num_training_steps=1)
+    trainer = training.DPOTrainer(
+        args=args,
+        plan=plan,
+        accelerator=pipeline.accelerator,
+        family=pipeline.family,
+        params=pipeline.params_to_optimize,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        generator=training.training_generator(pipeline.accelerator, options.seed),
+        scorer_set=pipeline.scorer_set,
+        labeler=training.make_labeler(args, pipeline.scorer_set),
+    )
     result["optimizer"] = optimizer_description
     step_seconds, scoring_seconds, breakdowns, kept_pairs, nonfinite = [], [], [], [], 0
-    # The training loop's own batch iteration: with score-ahead, fetching batch i starts scoring batch i + 1.
-    batches = balanced_dpo.score_ahead(
-        (dict(batch) for _ in range(warmup_steps + steps + 1)), args, pipeline.scorer_set
+    # The training loop's own batch iteration: fetching batch i starts scoring batch i + 1 (score-ahead).
+    micro_batches = training.micro_batches(
+        (dict(batch) for _ in range(warmup_steps + steps + 1)),
+        trainer,
+        training.GracefulStop(),  # never entered: no signal handling here
+        score_ahead=not args.no_score_ahead and bool(plan.scored_metrics),
     )
     try:
         for i in range(warmup_steps + steps):
             measured = i >= warmup_steps
             timer.enabled = measured
-            metrics = balanced_dpo.StepMetrics()
             synchronize(device)
             start = time.perf_counter()
-            # Timed with the step (the synchronisation below waits for the scoring started here, too).
-            step_batch = next(batches)
-            timer.add_seconds("consensus", time.perf_counter() - start)
-            kept, finite = training_step(pipeline, args, step_batch, labeler, metrics, optimizer, lr_scheduler, timer)
+            outcome = training_step(trainer, micro_batches, timer)
             synchronize(device)
             seconds = time.perf_counter() - start
             phases = timer.collect()
             instrumentation.reset()
             if measured:
                 step_seconds.append(seconds)
-                scoring_seconds.append(metrics.scoring_seconds)
+                scoring_seconds.append(outcome.scoring_seconds)
                 breakdowns.append(phases)
-                kept_pairs.append(kept)
-                nonfinite += int(not finite)
+                kept_pairs.append(outcome.pairs)
+                nonfinite += int(outcome.status != "stepped")
     except Exception as error:
         if not is_out_of_memory(error):
             raise
@@ -1112,8 +1048,8 @@ def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpoin
     result["peak_memory_kind"] = memory.kind if result["peak_memory_gib"] is not None else "n/a"
     result["peak_reserved_gib"] = memory.reserved_gib()
     # Free everything of this configuration (also after an out-of-memory error) before the next one.
-    optimizer = lr_scheduler = None
-    unet.zero_grad(set_to_none=True)
+    trainer = optimizer = lr_scheduler = micro_batches = None
+    pipeline.denoiser.zero_grad(set_to_none=True)
     # Drops accelerate's references to the prepared optimizer (after its own garbage collection), then the cache.
     pipeline.accelerator.free_memory()
     free_memory(device, collect=False)
@@ -1410,14 +1346,15 @@ def main(options):
             build_start = time.perf_counter()
             pipeline = build_pipeline(name, options, accelerator, device, workdir)
             rows = make_rows(max(options.pairs), pipeline.resolution if pipeline.spec.full_size else 64, options.seed)
-            batches = {pairs: make_batch(pipeline, rows, pairs, options.seed) for pairs in sorted(set(options.pairs))}
             info = describe_pipeline(pipeline, options)
             info["build_seconds"] = time.perf_counter() - build_start
             report["models"].append(info)
             print(f"Built {name} in {info['build_seconds']:.1f} s: {json.dumps(info)}", flush=True)
 
             timer = PhaseTimer(device)
-            instrumentation = Instrumentation(timer, pipeline.vae, pipeline.text_encoders, pipeline.unwrapped_unet)
+            instrumentation = Instrumentation(
+                timer, pipeline.vae, pipeline.text_encoders, pipeline.denoiser, pipeline.accelerator
+            )
             try:
                 for pairs, checkpointing, mode in configurations(options.pairs, checkpointing_list, modes):
                     if over_budget():
@@ -1430,7 +1367,7 @@ def main(options):
                             mode,
                             pairs,
                             checkpointing,
-                            batches[pairs],
+                            rows,
                             timer,
                             instrumentation,
                         )
@@ -1443,7 +1380,7 @@ def main(options):
                     write_json(options.json, report)
             finally:
                 instrumentation.remove()
-                del pipeline, batches, timer, instrumentation
+                del pipeline, timer, instrumentation
                 accelerator.free_memory()
                 free_memory(device)
 

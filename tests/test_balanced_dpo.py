@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import balanced_dpo
+import training
 
 
 def hand_h(ew, el, rw, rl, beta):
@@ -301,6 +302,45 @@ def test_reference_update_copy_and_ema():
     assert all(".default." in n for n, p in unet.named_parameters() if p.requires_grad)
 
 
+def test_reference_adapter_stays_float32_on_a_bfloat16_model_and_follows_small_ema_steps(tmp_path):
+    """In bfloat16, EMA updates of the reference round away: it lags the policy, then jumps."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+    ).to(torch.bfloat16)  # fmt: skip
+    unet.requires_grad_(False)
+    config = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k"])
+    trainable = balanced_dpo.add_lora_adapters(unet, config, dynamic_reference=True)
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values()), "every LoRA weight must be float32"
+    assert any(p.dtype == torch.bfloat16 for n, p in unet.named_parameters() if "lora_" not in n)
+
+    # A policy that drifts by 1e-3 per step: the EMA reference must track it as float32 arithmetic does.
+    expected = {
+        k: v.detach().clone() for k, v in balanced_dpo.adapter_state_dict(unet, balanced_dpo.REFERENCE_ADAPTER).items()
+    }
+    for _ in range(20):
+        with torch.no_grad():
+            for p in trainable:
+                p.add_(1e-3)
+        policy = balanced_dpo.adapter_state_dict(unet, balanced_dpo.POLICY_ADAPTER)
+        balanced_dpo.update_reference_adapter(unet, "ema", decay=0.99)
+        expected = {k: 0.99 * expected[k] + 0.01 * policy[k] for k in expected}
+    reference = balanced_dpo.adapter_state_dict(unet, balanced_dpo.REFERENCE_ADAPTER)
+    for k in expected:
+        torch.testing.assert_close(reference[k], expected[k], rtol=0, atol=1e-6)
+
+    # Loading a saved reference keeps it float32.
+    balanced_dpo.save_reference_adapter(unet, str(tmp_path))
+    balanced_dpo.load_reference_adapter(unet, str(tmp_path))
+    assert all(p.dtype == torch.float32 for n, p in unet.named_parameters() if "lora_" in n)
+
+
 def test_adapter_state_round_trip_into_existing_adapter():
     unet, trainable = make_unet_like(True)
     with torch.no_grad():
@@ -319,14 +359,14 @@ def test_checkpoint_listing_ignores_partial_folders(tmp_path):
     for name, complete in (("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-12", False), (".checkpoint-14.tmp", True)):  # fmt: skip
         os.makedirs(tmp_path / name)
         if complete:
-            (tmp_path / name / balanced_dpo.COMPLETE_MARKER).write_text("x")
-    assert balanced_dpo.list_checkpoints(str(tmp_path)) == ["checkpoint-2", "checkpoint-10"]
-    assert balanced_dpo.resolve_resume_checkpoint(str(tmp_path), "latest").endswith("checkpoint-10")
+            (tmp_path / name / training.COMPLETE_MARKER).write_text("x")
+    assert training.list_checkpoints(str(tmp_path)) == ["checkpoint-2", "checkpoint-10"]
+    assert training.resolve_resume_checkpoint(str(tmp_path), "latest").endswith("checkpoint-10")
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        balanced_dpo.resolve_resume_checkpoint(str(tmp_path), "checkpoint-12")
+        training.resolve_resume_checkpoint(str(tmp_path), "checkpoint-12")
     with pytest.raises(ValueError, match="does not exist"):
-        balanced_dpo.resolve_resume_checkpoint(str(tmp_path), "checkpoint-99")
-    assert balanced_dpo.resolve_resume_checkpoint(str(tmp_path / "empty"), "latest") is None
+        training.resolve_resume_checkpoint(str(tmp_path), "checkpoint-99")
+    assert training.resolve_resume_checkpoint(str(tmp_path / "empty"), "latest") is None
 
 
 def test_training_state_round_trip(tmp_path):
@@ -334,8 +374,8 @@ def test_training_state_round_trip(tmp_path):
         "progress": {"global_step": 3, "epoch": 1},
         "consensus": {"generator": torch.arange(5, dtype=torch.uint8), "n": 2.5, "counts": {}},
     }
-    balanced_dpo.save_training_state(str(tmp_path), state)
-    loaded = balanced_dpo.load_training_state(str(tmp_path))
+    training.save_training_state(str(tmp_path), state)
+    loaded = training.load_training_state(str(tmp_path))
     assert loaded["progress"] == {"global_step": 3, "epoch": 1}
     assert torch.equal(loaded["consensus"]["generator"], state["consensus"]["generator"])
     assert loaded["consensus"]["n"] == 2.5
@@ -361,10 +401,10 @@ def test_latent_cache_samples_like_encode_latents_and_encodes_each_key_once():
     keys = [(row, 0, False, (0, 0)) for row in range(len(images))]
     calls = []
     hook = vae.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-    cache = balanced_dpo.LatentCache()
+    cache = training.LatentCache()
     try:
         for _ in range(2):  # the second pass encodes nothing and draws the same latents from the same generator
-            expected = balanced_dpo.encode_latents(vae, images, 4, torch.Generator().manual_seed(1))
+            expected = training.encode_latents(vae, images, 4, torch.Generator().manual_seed(1))
             got = cache.encode(vae, images, keys, 4, torch.Generator().manual_seed(1))
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
     finally:
@@ -382,7 +422,7 @@ def test_latent_cache_samples_like_encode_latents_and_encodes_each_key_once():
     mixed = keys[:3] + [(row, 0, True, (0, 0)) for row in range(3)]
     flipped = torch.cat([images[:3], images[:3].flip(-1)])
     cached = cache.encode(vae, flipped, mixed, 4, torch.Generator().manual_seed(3))
-    torch.testing.assert_close(cached, balanced_dpo.encode_latents(vae, flipped, 4, torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(cached, training.encode_latents(vae, flipped, 4, torch.Generator().manual_seed(3)))
     assert len(cache) == 9 and cache.misses == 9
     with pytest.raises(ValueError, match="cache keys"):
         cache.encode(vae, images, keys[:2], 4)
@@ -396,7 +436,7 @@ def test_latent_cache_keys_follow_the_winner_first_order():
     }
     index = torch.tensor([0, 2])  # the middle pair was dropped
     label = torch.tensor([1.0, 0.0])  # image 0 wins the first kept pair, image 1 the second
-    keys = balanced_dpo.latent_cache_keys(batch, index, label)
+    keys = training.latent_cache_keys(batch, index, label)
     assert keys == [(10, 0, True, (1, 2)), (12, 1, True, (7, 8)), (10, 1, True, (3, 4)), (12, 0, True, (5, 6))]
 
 
@@ -406,11 +446,11 @@ def test_latent_cache_memory_check_fails_before_training_with_the_fix():
     vae, _ = _tiny_vae_and_images()  # 2 down blocks: latents are 4 x 16 x 16 at 32 px, fp32 -> 8 KiB per image
     args = types.SimpleNamespace(resolution=32, num_train_epochs=3, random_crop=False, no_hflip=False)
     # 100 pairs over 2 processes, 2 images, 2 flips, 2 processes on this machine.
-    needed = balanced_dpo.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=10 * 2**30)
+    needed = training.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=10 * 2**30)
     assert needed == 50 * 2 * 2 * 8192 * 2
     args.no_hflip = True
-    assert balanced_dpo.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=10 * 2**30) == needed // 2
+    assert training.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=10 * 2**30) == needed // 2
     args.random_crop = True  # a new crop every epoch, in the worst case
-    assert balanced_dpo.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=10 * 2**30) == needed // 2 * 3
+    assert training.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=10 * 2**30) == needed // 2 * 3
     with pytest.raises(ValueError, match=r"--cache_latents could need .* Drop --cache_latents.*--max_train_samples"):
-        balanced_dpo.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=1_000_000)
+        training.check_latent_cache_fits(args, vae, 100, 2, 2, available_bytes=1_000_000)
