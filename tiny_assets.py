@@ -538,8 +538,8 @@ def make_pickapic_rows(num_pairs, seed=0, image_size=64):
     return rows
 
 
-def build_tiny_pickapic_dataset(output_dir, num_train=48, num_test=16, seed=0, image_size=64):
-    """Writes `train` and `test` parquet splits that `datasets.load_dataset(output_dir)` loads as Pick-a-Pic v2."""
+def write_pickapic_split(rows, path):
+    """Writes rows of `make_pickapic_rows` (or rows with the same columns) as one Pick-a-Pic-format parquet file."""
     import datasets
 
     features = datasets.Features(
@@ -551,12 +551,16 @@ def build_tiny_pickapic_dataset(output_dir, num_train=48, num_test=16, seed=0, i
             "label_1": datasets.Value("float64"),
         }
     )
-    data_dir = os.path.join(output_dir, "data")
-    os.makedirs(data_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    datasets.Dataset.from_list(rows, features=features).to_parquet(path)
+    return path
+
+
+def build_tiny_pickapic_dataset(output_dir, num_train=48, num_test=16, seed=0, image_size=64):
+    """Writes `train` and `test` parquet splits that `datasets.load_dataset(output_dir)` loads as Pick-a-Pic v2."""
     for split, count, split_seed in (("train", num_train, seed), ("test", num_test, seed + 1)):
         rows = make_pickapic_rows(count, seed=split_seed, image_size=image_size)
-        table = datasets.Dataset.from_list(rows, features=features)
-        table.to_parquet(os.path.join(data_dir, f"{split}-00000-of-00001.parquet"))
+        write_pickapic_split(rows, os.path.join(output_dir, "data", f"{split}-00000-of-00001.parquet"))
     return output_dir
 
 

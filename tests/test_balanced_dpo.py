@@ -82,7 +82,7 @@ class TinyNet(torch.nn.Module):
         return self.to_k(self.to_q(x))
 
 
-def make_unet_like(dynamic):
+def make_unet_like(dynamic, dtype=torch.float32):
     """A small diffusers ModelMixin with peft adapters, like the UNet."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
@@ -92,7 +92,7 @@ def make_unet_like(dynamic):
         block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
+    ).to(dtype)  # fmt: skip
     unet.requires_grad_(False)
     config = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k"])
     trainable = balanced_dpo.add_lora_adapters(unet, config, dynamic_reference=dynamic)
@@ -304,18 +304,7 @@ def test_reference_update_copy_and_ema():
 
 def test_reference_adapter_stays_float32_on_a_bfloat16_model_and_follows_small_ema_steps(tmp_path):
     """In bfloat16, EMA updates of the reference round away: it lags the policy, then jumps."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
-    ).to(torch.bfloat16)  # fmt: skip
-    unet.requires_grad_(False)
-    config = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k"])
-    trainable = balanced_dpo.add_lora_adapters(unet, config, dynamic_reference=True)
+    unet, trainable = make_unet_like(True, dtype=torch.bfloat16)
     lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
     assert lora and all(p.dtype == torch.float32 for p in lora.values()), "every LoRA weight must be float32"
     assert any(p.dtype == torch.bfloat16 for n, p in unet.named_parameters() if "lora_" not in n)

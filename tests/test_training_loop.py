@@ -73,19 +73,7 @@ def fresh_accelerate_state():
 
 
 def write_pairs(rows, output_dir):
-    import datasets
-
-    features = datasets.Features(
-        {
-            "caption": datasets.Value("string"),
-            "jpg_0": datasets.Value("binary"),
-            "jpg_1": datasets.Value("binary"),
-            "label_0": datasets.Value("float64"),
-            "label_1": datasets.Value("float64"),
-        }
-    )
-    os.makedirs(output_dir, exist_ok=True)
-    datasets.Dataset.from_list(rows, features=features).to_parquet(os.path.join(output_dir, "train.parquet"))
+    tiny_assets.write_pickapic_split(rows, os.path.join(output_dir, "train.parquet"))
     return str(output_dir)
 
 
