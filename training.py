@@ -159,6 +159,32 @@ class ModelFamily:
         steps = self.args.validation_inference_steps or self.defaults["validation_inference_steps"]
         return {"num_inference_steps": steps}
 
+    # -- sampling with the policy (online pairs): the base implementations serve every pipeline that returns latents
+    # in the denoiser's space with output_type="latent"; a family with packed latents overrides them ------------------
+
+    def sample_latents(self, pipeline, prompts, generators, num_inference_steps, guidance_scale):
+        """Final latents [N, ...] of `pipeline` (built by `validation_pipeline()`, so the training denoiser with the
+        policy LoRA on) for `prompts`, one generator per prompt, in the space training starts from: what
+        `scale_latents(vae sample)` gives for an image."""
+        return pipeline(
+            list(prompts),
+            generator=list(generators),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=self.args.resolution,
+            width=self.args.resolution,
+            output_type="latent",
+        ).images
+
+    @torch.no_grad()
+    def decode_latents(self, latents):
+        """PIL images of latents in the denoiser's space (the inverse of `scale_latents`, then the VAE decoder)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        pixels = self.vae.decode((latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype)).sample
+        return VaeImageProcessor().postprocess(pixels.float(), output_type="pil")
+
     def release_denoiser(self):
         """Drops the training denoiser before the final validation, which loads the saved LoRA into a fresh one."""
         self.denoiser = None
