@@ -18,6 +18,8 @@
 - `order_by_label` / `winner_probability`: (image 0, image 1, consensus label) -> (winner, loser), and q_w.
 - `ddpm_noised_pairs`: noisy input, timesteps and target of a winner/loser batch for the DDPM families (SD 1.x/2.x,
   SDXL): both images of a pair get the same noise and timestep.
+- `flow_matching_noised_pairs`: the same for the rectified-flow families (SD3 / SD3.5, FLUX.1): x_t = (1 - σ) x_0 + σ ε,
+  velocity target ε - x_0, one σ and one ε per pair.
 - The dynamic reference model: a second, frozen LoRA adapter on the same denoiser (`add_lora_adapters`,
   `reference_model`, `update_reference_adapter`), or the base model with adapters disabled.
 - `consensus_across_processes`: the consensus of a batch is decided on the pairs of every process at once.
@@ -149,6 +151,87 @@ def ddpm_noised_pairs(noise_scheduler, latents, generator, timesteps=None):
     else:
         raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
     return NoisedPairs(noisy_latents, timesteps, target)
+
+
+# diffusers' names of the timestep densities and loss weightings of SD3 training (`--weighting_scheme`).
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
+
+
+def flow_matching_sigmas(
+    num_pairs,
+    noise_scheduler,
+    generator,
+    weighting_scheme="logit_normal",
+    logit_mean=0.0,
+    logit_std=1.0,
+    mode_scale=1.29,
+):
+    """(σ, timesteps) of `num_pairs` pairs, drawn as diffusers' SD3 and FLUX training scripts draw them.
+
+    u comes from `diffusers.training_utils.compute_density_for_timestep_sampling` (logit-normal, `mode`, or uniform
+    for the schemes that weight the loss instead), drawn with `generator`; then σ = `noise_scheduler.sigmas[floor(u N)]`
+    and the timestep `noise_scheduler.timesteps[floor(u N)]` (= σ N), N = `num_train_timesteps`. The scheduler must be
+    a FlowMatchEulerDiscreteScheduler on which `set_timesteps` was never called: its table then holds the training
+    σs, shifted by its `shift` (SD3: 3) unless it shifts dynamically by resolution at inference (FLUX), in which case
+    training uses the unshifted σ, as diffusers' FLUX script does. Both are float32 tensors [num_pairs] on the
+    generator's device.
+    """
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    if len(noise_scheduler.sigmas) != num_train_timesteps:
+        raise ValueError(
+            "flow_matching_sigmas needs the scheduler's training table of sigmas; set_timesteps() was called on this"
+            " scheduler. Use a copy that is not used for sampling."
+        )
+    u = compute_density_for_timestep_sampling(
+        weighting_scheme=weighting_scheme,
+        batch_size=num_pairs,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        mode_scale=mode_scale,
+        device=generator.device,
+        generator=generator,
+    )
+    # u can reach 1.0 (the `mode` density at u = 0, a saturated sigmoid): the last entry then, not an index error.
+    indices = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1).cpu()
+    sigmas = noise_scheduler.sigmas[indices].float()
+    timesteps = noise_scheduler.timesteps[indices].float()
+    return sigmas.to(generator.device), timesteps.to(generator.device)
+
+
+def flow_matching_noised_pairs(
+    latents,
+    generator,
+    noise_scheduler,
+    weighting_scheme="logit_normal",
+    logit_mean=0.0,
+    logit_std=1.0,
+    mode_scale=1.29,
+):
+    """Rectified-flow forward process of winner-first latents [2P, ...]:
+
+        x_t = (1 - σ) x_0 + σ ε,      target v = ε - x_0
+
+    with the same ε and σ for both images of a pair (σ from `flow_matching_sigmas`). `weighting` is diffusers'
+    `compute_loss_weighting_for_sd3(weighting_scheme, σ)`, shaped to broadcast over each example (all ones except for
+    `sigma_sqrt` and `cosmap`); `per_example_mse` applies it. x_t is computed in float32 and returned in the latents'
+    dtype; the target is float32. `generator` draws the noise, then σ.
+    """
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    num_pairs = latents.shape[0] // 2
+    noise = pair_noise(latents, generator)
+    sigmas, timesteps = flow_matching_sigmas(
+        num_pairs, noise_scheduler, generator, weighting_scheme, logit_mean, logit_std, mode_scale
+    )
+    shape = (2 * num_pairs,) + (1,) * (latents.ndim - 1)
+    sigmas = sigmas.to(latents.device).repeat(2).view(shape)
+    timesteps = timesteps.to(latents.device).repeat(2)
+    x_0, noise = latents.float(), noise.float()
+    noisy_latents = ((1.0 - sigmas) * x_0 + sigmas * noise).to(latents.dtype)
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas).float()
+    return NoisedPairs(noisy_latents, timesteps, noise - x_0, weighting)
 
 
 # ----------------------------------------------------------------------------------------------------------------
