@@ -18,9 +18,10 @@ Everything is written in the real on-disk formats (diffusers pipeline folders, t
 a real CLIP tokenizer, open_clip checkpoints, parquet files in the Pick-a-Pic v2 layout) so that tests and the
 quickstart go through exactly the loading code a real run uses, offline.
 
-    python tiny_assets.py --output_dir tiny_assets
+    python tiny_assets.py --output_dir tiny_assets [--sd3] [--flux]
 
-writes `sd/`, `sdxl/`, `scorers/` (plus `scorers/reward_config.json`) and `pickapic/` under the output dir.
+writes `sd/`, `sdxl/`, `scorers/` (plus `scorers/reward_config.json`) and `pickapic/` under the output dir, and with
+`--sd3` / `--flux` the flow-matching pipelines `sd3/` and `flux/` (whose T5 tokenizers are trained on the spot).
 """
 
 import argparse
@@ -88,6 +89,63 @@ def write_clip_tokenizer(output_dir, pad_token="<|endoftext|>", model_max_length
     return tokenizer
 
 
+# A vocabulary for the tiny T5 tokenizers: the words of the tiny dataset's captions, of the validation prompts the
+# tests and the quickstart use, and every letter, so that any caption tokenizes into known pieces.
+_T5_CORPUS_WORDS = (
+    "a an the of on in with and photo image background picture astronaut riding horse watercolor fox snow cat dog"
+    " red green blue yellow purple orange white black grey gray circle square triangle shape"
+)
+
+
+def write_t5_tokenizer(output_dir, vocab_size=160, model_max_length=512):
+    """Trains a small T5 tokenizer offline and saves it in the folder format of the real ones (`tokenizer.json`).
+
+    It is a SentencePiece-style Unigram model, as T5's is, with T5's special tokens at T5's ids (`<pad>` 0, `</s>` 1,
+    `<unk>` 2), trained with the `tokenizers` library on caption-like text; `T5TokenizerFast.from_pretrained` loads
+    it. The training is deterministic, so every build gives the same vocabulary.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    words = _T5_CORPUS_WORDS.split()
+    corpus = [" ".join(words[i : i + 6]) for i in range(len(words))]
+    corpus += [" ".join(words)] * 4 + [" ".join(chr(c) for c in range(ord("a"), ord("z") + 1))]
+    corpus += [" ".join(str(d) for d in range(10)) + " , . ! ? ' -"]
+    unigram = Tokenizer(models.Unigram())
+    unigram.normalizer = normalizers.NFKC()
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    )
+    unigram.train_from_iterator(corpus, trainer)
+    vocab = [tuple(piece) for piece in json.loads(unigram.to_str())["model"]["vocab"]]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    os.makedirs(output_dir, exist_ok=True)
+    tokenizer.save_pretrained(output_dir)
+    return tokenizer
+
+
+def _tiny_t5_encoder(vocab_size):
+    """A two-layer T5 v1.1-style encoder (gated GELU), the architecture of the T5-XXL encoder of SD3 and FLUX."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=32,
+            d_ff=37,
+            d_kv=8,
+            num_heads=4,
+            num_layers=2,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stable Diffusion pipelines
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,7 +171,7 @@ def _tiny_clip_text_config(projection_dim=None, hidden_size=32):
     )
 
 
-def _tiny_vae():
+def _tiny_vae(latent_channels=4, **config):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -122,9 +180,21 @@ def _tiny_vae():
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=16,
         sample_size=32,
+        **config,
+    )
+
+
+def _tiny_flow_vae(shift_factor, scaling_factor):
+    """The SD3 / FLUX VAE layout: 16 latent channels, a shift and a scale, no quant convs."""
+    return _tiny_vae(
+        latent_channels=16,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
 
 
@@ -216,6 +286,93 @@ def build_tiny_sdxl_pipeline(output_dir, seed=0):
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         scheduler=scheduler,
+    )
+    pipe.save_pretrained(output_dir)
+    return output_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flow-matching pipelines (SD3 / SD3.5, FLUX.1)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_tiny_sd3_pipeline(output_dir, seed=0):
+    """A tiny SD3.5-style pipeline folder that `StableDiffusion3Pipeline.from_pretrained` loads: two CLIP text encoders
+    with projections, a T5 encoder, an MMDiT with SD3.5's dual-attention block and QK RMS norm, the 16-channel VAE
+    with SD3's shift and scale, and SD3's shifted flow-matching schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(os.path.join(output_dir, "tokenizer"))
+    tokenizer_2 = write_clip_tokenizer(os.path.join(output_dir, "tokenizer_2"))
+    tokenizer_3 = write_t5_tokenizer(os.path.join(output_dir, "tokenizer_3"))
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=32,  # the T5 width; the two CLIPs' 16 + 16 are padded to it
+            caption_projection_dim=32,
+            pooled_projection_dim=32,  # the two CLIPs' 16 + 16 projections
+            out_channels=16,
+            pos_embed_max_size=32,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_flow_vae(shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=CLIPTextModelWithProjection(_tiny_clip_text_config(projection_dim=16, hidden_size=16)),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_clip_text_config(projection_dim=16, hidden_size=16)),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=_tiny_t5_encoder(len(tokenizer_3)),
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(output_dir)
+    return output_dir
+
+
+def build_tiny_flux_pipeline(output_dir, seed=0, guidance_embeds=True):
+    """A tiny FLUX.1 pipeline folder that `FluxPipeline.from_pretrained` loads: a CLIP text encoder (pooled), a T5
+    encoder, a transformer with double- and single-stream blocks and 3-axis RoPE, the 16-channel VAE with FLUX's shift
+    and scale, and FLUX's resolution-dependent flow-matching schedule. `guidance_embeds=True` is FLUX.1-dev's
+    guidance-distilled layout, False FLUX.1-schnell's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(os.path.join(output_dir, "tokenizer"))
+    tokenizer_2 = write_t5_tokenizer(os.path.join(output_dir, "tokenizer_2"))
+    pipe = FluxPipeline(
+        transformer=FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,  # 16 latent channels x a 2 x 2 patch
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 4, 8),
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_tiny_flow_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=CLIPTextModel(_tiny_clip_text_config()),
+        tokenizer=tokenizer,
+        text_encoder_2=_tiny_t5_encoder(len(tokenizer_2)),
+        tokenizer_2=tokenizer_2,
     )
     pipe.save_pretrained(output_dir)
     return output_dir
@@ -569,14 +726,19 @@ def build_tiny_pickapic_dataset(output_dir, num_train=48, num_test=16, seed=0, i
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_all(output_dir, sdxl=True, seed=0):
-    """Builds every tiny asset under `output_dir` and returns a dict of their paths."""
+def build_all(output_dir, sdxl=True, seed=0, sd3=False, flux=False):
+    """Builds the tiny assets under `output_dir` and returns a dict of their paths: the SD pipeline, the dataset and
+    the scorers always, the SDXL, SD3 and FLUX pipelines when asked for."""
     paths = {
         "sd": build_tiny_sd_pipeline(os.path.join(output_dir, "sd"), seed=seed),
         "pickapic": build_tiny_pickapic_dataset(os.path.join(output_dir, "pickapic"), seed=seed),
     }
     if sdxl:
         paths["sdxl"] = build_tiny_sdxl_pipeline(os.path.join(output_dir, "sdxl"), seed=seed)
+    if sd3:
+        paths["sd3"] = build_tiny_sd3_pipeline(os.path.join(output_dir, "sd3"), seed=seed)
+    if flux:
+        paths["flux"] = build_tiny_flux_pipeline(os.path.join(output_dir, "flux"), seed=seed)
     build_tiny_scorers(os.path.join(output_dir, "scorers"), seed=seed)
     paths["reward_config"] = os.path.join(output_dir, "scorers", "reward_config.json")
     return paths
@@ -587,8 +749,10 @@ def main():
     parser.add_argument("--output_dir", default="tiny_assets", help="Where to write the tiny assets.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_sdxl", action="store_true", help="Skip the tiny SDXL pipeline.")
+    parser.add_argument("--sd3", action="store_true", help="Also build the tiny SD3 pipeline.")
+    parser.add_argument("--flux", action="store_true", help="Also build the tiny FLUX pipeline.")
     args = parser.parse_args()
-    paths = build_all(args.output_dir, sdxl=not args.no_sdxl, seed=args.seed)
+    paths = build_all(args.output_dir, sdxl=not args.no_sdxl, seed=args.seed, sd3=args.sd3, flux=args.flux)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

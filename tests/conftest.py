@@ -42,3 +42,10 @@ def tiny_scorers_dir(tmp_path_factory):
 def tiny_assets_dir(tmp_path_factory):
     """Dict of paths of every tiny asset (`sd`, `sdxl`, `pickapic`, `reward_config`)."""
     return tiny_assets.build_all(str(tmp_path_factory.mktemp("tiny_assets")))
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_assets(tmp_path_factory):
+    """Dict of paths of the tiny flow-matching pipelines (`sd3`, `flux`) with the tiny `pickapic` data and
+    `reward_config` (plus `sd`); the SDXL pipeline is not built."""
+    return tiny_assets.build_all(str(tmp_path_factory.mktemp("tiny_flow_assets")), sdxl=False, sd3=True, flux=True)
