@@ -52,3 +52,36 @@ def read_scalars(output_dir):
         for tag in accumulator.Tags().get("scalars", []):
             scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
     return scalars
+
+
+def torchrun(script, args, num_processes=2, timeout=420):
+    """Runs `torchrun --nproc_per_node N script args` on the CPU (DDP over gloo: DistributedType.MULTI_CPU) and returns
+    the CompletedProcess; the process group is ended if it runs past `timeout`. (tests/test_robustness.py has the
+    same launcher for its signal tests.)"""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+        os.path.join(REPO_ROOT, script), *[str(a) for a in args],
+    ]  # fmt: skip
+    env = dict(
+        os.environ,
+        ACCELERATE_USE_CPU="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil
+
+        # torchrun starts each worker in a session of its own: end them one by one, then torchrun.
+        for child in psutil.Process(process.pid).children(recursive=True):
+            child.kill()
+        process.kill()
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{script} hung for {timeout}s:\n{stderr[-8000:]}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -11,8 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""A `training.DPOTrainer` on the tiny Stable Diffusion pipeline, assembled in-process from the same set-up functions
-`training.train` uses, for tests that drive single optimizer steps."""
+"""A `training.DPOTrainer` on a tiny pipeline (Stable Diffusion, or any family), assembled in-process from the same
+set-up functions `training.train` uses, for tests that drive single optimizer steps."""
 
 import os
 import sys
@@ -50,12 +50,17 @@ def sd_args(assets, output_dir, *extra):
 
 def build_sd_trainer(accelerator, args, optimizer_factory=None):
     """(trainer, pair dataset) for `args`, as `training.train` sets them up (constant learning rate)."""
+    import train_balanced_dpo
+
+    return build_trainer(accelerator, args, train_balanced_dpo.StableDiffusionFamily, optimizer_factory)
+
+
+def build_trainer(accelerator, args, family_class, optimizer_factory=None):
+    """(trainer, pair dataset) of any family for `args`, as `training.train` sets them up (float32 weights, constant
+    learning rate, `family.prepare` called on the map-style training split)."""
     import datasets
     from diffusers.optimization import get_scheduler
 
-    import train_balanced_dpo
-
-    family_class = train_balanced_dpo.StableDiffusionFamily
     plan = training.validate_args(args, family_class)
     family = family_class.from_pretrained(args, accelerator.device, torch.float32)
     params, _ = training.add_lora(args, plan, family, accelerator)
@@ -75,6 +80,7 @@ def build_sd_trainer(accelerator, args, optimizer_factory=None):
         labeler=training.make_labeler(args, scorer_set),
     )
     dataset = datasets.load_dataset(args.dataset_name, split="train")
+    family.prepare(dataset, streaming=False)
     pairs = training.make_pair_dataset(args, plan, dataset, scorer_set, accelerator)
     return trainer, pairs
 
