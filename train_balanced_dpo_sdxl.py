@@ -323,8 +323,8 @@ class StableDiffusionXLFamily(training.ModelFamily):
     def prepare(self, train_dataset, streaming):
         """With --cache_text_embeddings on a map-style dataset, encodes every caption now and frees the encoders."""
         args = self.args
-        if not args.cache_text_embeddings or streaming:
-            return
+        if not args.cache_text_embeddings or streaming or train_dataset is None:
+            return  # streams and online prompts are encoded on first sight
         captions = train_dataset.select_columns([args.caption_column])[args.caption_column]
         captions = [c for c in dict.fromkeys(captions) if isinstance(c, str) and c.strip()]
         captions.append("")  # --proportion_empty_prompts
