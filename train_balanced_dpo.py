@@ -118,7 +118,7 @@ class StableDiffusionFamily(training.ModelFamily):
             **components,
         )
         if lora_dir is not None:
-            pipeline.load_lora_weights(lora_dir)
+            pipeline.load_lora_weights(lora_dir, weight_name=training.LORA_WEIGHTS_NAME)
         return pipeline
 
     def default_license(self):

@@ -393,7 +393,7 @@ class StableDiffusionXLFamily(training.ModelFamily):
             **components,
         )
         if lora_dir is not None:
-            pipeline.load_lora_weights(lora_dir)
+            pipeline.load_lora_weights(lora_dir, weight_name=training.LORA_WEIGHTS_NAME)
         return pipeline
 
     def validation_call_kwargs(self):

@@ -146,7 +146,8 @@ class ModelFamily:
         )
 
     def lora_state_dict(self, input_dir):
-        state = self.pipeline_class.lora_state_dict(input_dir)
+        # An explicit weight name: diffusers < 0.40 refuses to guess it offline, even for a local folder.
+        state = self.pipeline_class.lora_state_dict(input_dir, weight_name=LORA_WEIGHTS_NAME)
         return state[0] if isinstance(state, tuple) else state
 
     def validation_pipeline(self, lora_dir=None):

@@ -524,7 +524,8 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resume_equals_uninterrupte
     match = re.search(r"Stopping on a signal at step (\d+): checkpoint saved", stderr)
     assert match, stderr[-5000:]
     step = int(match.group(1))
-    assert 2 < step < 6, f"the run stopped at step {step}"
+    # The signal came once checkpoint-2 existed: the run stops before its next micro-batch, at step 2 or soon after.
+    assert 2 <= step < 6, f"the run stopped at step {step}"
     assert training.list_checkpoints(interrupted_dir)[-1] == f"checkpoint-{step}"
     assert not os.path.exists(os.path.join(interrupted_dir, LORA_NAME)), "an interrupted run wrote a final LoRA"
 
