@@ -301,6 +301,28 @@ def compute_win_rates(
     return per_metric, average
 
 
+def compute_joint_win_rates(
+    metrics, scores_a, scores_b, confidence=0.95, num_samples=10000, tie_tolerance=0.0, seed=0
+):
+    """The joint win rate: the share of prompts on which A beats B on every metric, and B beats A on every metric,
+    each with a percentile-bootstrap interval over prompts. The direct measure of "balanced": a model that buys one
+    metric with another wins on some metrics of a prompt, not on all. A tie on any metric is no joint win.
+
+    Returns {"a": {...}, "b": {...}}, each with `rate`, `ci_low`, `ci_high`, `prompts` (how many such prompts)."""
+    outcomes = np.stack([pairwise_outcomes(scores_a[m], scores_b[m], tie_tolerance) for m in metrics], axis=1)
+    joint = np.stack([(outcomes == 1).all(axis=1), (outcomes == 0).all(axis=1)], axis=1).astype(np.float64)
+    low, high = bootstrap_intervals(joint, confidence, num_samples, seed)
+    return {
+        side: {
+            "rate": float(joint[:, k].mean()),
+            "ci_low": float(low[k]),
+            "ci_high": float(high[k]),
+            "prompts": int(joint[:, k].sum()),
+        }
+        for k, side in enumerate(("a", "b"))
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
@@ -661,6 +683,22 @@ def format_markdown(results):
         )
     avg = results["average_win_rate"]
     lines.append(f"| **average** | **{avg['win_rate']:.3f}** | [{avg['ci_low']:.3f}, {avg['ci_high']:.3f}] | | | |")
+    joint = results.get("joint_win_rate")
+    if joint:
+        lines += [
+            "",
+            "Joint win rate: the share of prompts on which one model beats the other on every metric "
+            f"({int(interval['confidence'] * 100)}% percentile bootstrap over prompts).",
+            "",
+            "| | share of prompts | interval | prompts |",
+            "|---|---|---|---|",
+        ]
+        for side, name in (("a", a), ("b", b)):
+            j = joint[side]
+            lines.append(
+                f"| {name} beats {b if side == 'a' else a} on every metric | {j['rate']:.3f} | "
+                f"[{j['ci_low']:.3f}, {j['ci_high']:.3f}] | {j['prompts']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -784,6 +822,15 @@ def main(args):
         tie_tolerance=args.tie_tolerance,
         seed=args.seed,
     )
+    joint = compute_joint_win_rates(
+        metrics,
+        scores_a,
+        scores_b,
+        confidence=args.confidence,
+        num_samples=args.bootstrap_samples,
+        tie_tolerance=args.tie_tolerance,
+        seed=args.seed,
+    )
     results = {
         "model_a": dict(config["model_a"], name=name_a),
         "model_b": dict(config["model_b"], name=name_b),
@@ -811,6 +858,7 @@ def main(args):
         "tie_tolerance": args.tie_tolerance,
         "win_rate": per_metric,
         "average_win_rate": average,
+        "joint_win_rate": joint,
         "num_prompts_evaluated_this_run": len(todo),
         "num_prompts_resumed": len(prompts) - len(todo),
         "num_images_generated": num_generated,

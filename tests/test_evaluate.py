@@ -58,6 +58,20 @@ def test_win_rates_and_intervals(interval):
     assert 0.0 <= average["ci_low"] <= average["win_rate"] <= average["ci_high"] <= 1.0
 
 
+def test_joint_win_rate_equals_a_hand_count():
+    metrics = ["m1", "m2", "m3"]
+    # Prompt 0: A wins all; 1: A wins two, ties one; 2: B wins all; 3: mixed; 4: A wins all.
+    scores_a = {"m1": [2, 2, 0, 2, 5], "m2": [2, 2, 0, 0, 5], "m3": [2, 1, 0, 2, 5]}
+    scores_b = {"m1": [1, 1, 1, 1, 1], "m2": [1, 1, 1, 1, 1], "m3": [1, 1, 1, 1, 1]}
+    joint = ev.compute_joint_win_rates(metrics, scores_a, scores_b, num_samples=2000)
+    assert joint["a"]["prompts"] == 2 and joint["a"]["rate"] == pytest.approx(2 / 5)
+    assert joint["b"]["prompts"] == 1 and joint["b"]["rate"] == pytest.approx(1 / 5)
+    assert joint["a"]["ci_low"] <= 0.4 <= joint["a"]["ci_high"] and 0 <= joint["b"]["ci_low"] <= 0.2
+    # Swapping the models swaps the sides.
+    swapped = ev.compute_joint_win_rates(metrics, scores_b, scores_a, num_samples=2000)
+    assert swapped["a"]["prompts"] == 1 and swapped["b"]["prompts"] == 2
+
+
 @pytest.mark.parametrize("p_hat,n", [(0.0, 1), (1.0, 1), (0.5, 3), (0.9, 10), (0.03, 500), (1.0, 500)])
 def test_wilson_interval_bounds(p_hat, n):
     low, high = ev.wilson_interval(p_hat, n)
@@ -179,7 +193,16 @@ def _check_results(results, output_dir, metrics, num_prompts):
     on_disk = json.loads((output_dir / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert on_disk["metrics"] == metrics and on_disk["num_prompts"] == num_prompts
-    for key in ("model_a", "model_b", "prompts", "generation", "interval", "win_rate", "average_win_rate"):
+    for key in (
+        "model_a",
+        "model_b",
+        "prompts",
+        "generation",
+        "interval",
+        "win_rate",
+        "average_win_rate",
+        "joint_win_rate",
+    ):
         assert key in on_disk
     assert on_disk["generation"]["seed"] == 0 and on_disk["interval"]["confidence"] == 0.95
     for metric in metrics:
