@@ -36,6 +36,7 @@ import pair_generation
 
 
 ONLINE_ROUND_NAME = "online_round"
+ONLINE_SEED_OFFSET = 1_000_000
 
 
 class OnlineRounds:
@@ -89,9 +90,9 @@ class OnlineRounds:
         draws, prompts = self.round_prompts(round_index)
         per_prompt = args.online_images_per_prompt
         image_prompts = [p for p in prompts for _ in range(per_prompt)]
-        seeds = [
-            pair_generation.image_seed(args.seed or 0, d, k, per_prompt) for d in draws for k in range(per_prompt)
-        ]
+        # Far from the "seed + prompt index" of evaluation images, so a training image is never an evaluation one.
+        seed = (args.seed or 0) + ONLINE_SEED_OFFSET
+        seeds = [pair_generation.image_seed(seed, d, k, per_prompt) for d in draws for k in range(per_prompt)]
         share = math.ceil(args.online_round_prompts / accelerator.num_processes) * per_prompt
         chunk = args.online_generation_batch_size
         pipeline = self._sampler()

@@ -344,7 +344,10 @@ def test_synthetic_experiment_quick(tmp_path):
         os.path.join(ROOT, "examples", "synthetic_experiment.py"),
         "--quick",
         "--modes",
-        "majority,single:brightness",
+        "majority",
+        "--online",
+        "--online_modes",
+        "majority",
         "--output_dir",
         str(output_dir),
         "--num_threads",
@@ -354,21 +357,22 @@ def test_synthetic_experiment_quick(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     summary = json.loads((output_dir / "results.json").read_text())["summary"]
-    assert list(summary) == ["majority", "single:brightness"]
+    assert list(summary) == ["majority", "online:majority"]
     for row in summary.values():
         assert set(row["metrics"]) == {"brightness", "colorfulness", "centering"}
-        for rate, low, high in list(row["metrics"].values()) + [row["average"]]:
+        for rate, low, high in list(row["metrics"].values()) + [row["average"], row["joint"], row["joint_base"]]:
             assert 0.0 <= low <= rate <= high <= 1.0
     for name in ("results.md", "win_rates.png", "base_samples.png", "pairs/data/train-00000-of-00001.parquet"):
         assert (output_dir / name).is_file(), name
-    assert (output_dir / "loras" / "single-brightness" / "pytorch_lora_weights.safetensors").is_file()
+    assert (output_dir / "loras" / "online-majority" / "pytorch_lora_weights.safetensors").is_file()
     assert "| `majority` |" in (output_dir / "results.md").read_text()
+    assert "joint: LoRA wins all" in (output_dir / "results.md").read_text()
     # Every LoRA was evaluated against the same base images (same prompts and seeds).
     base_scores = [
         [
             json.loads(line)["scores_b"]
             for line in (output_dir / "eval" / mode / "scores.jsonl").read_text().splitlines()
         ]
-        for mode in ("majority", "single-brightness")
+        for mode in ("majority", "online-majority")
     ]
     assert base_scores[0] == base_scores[1]
