@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_REWARD_MODELS = "pickscore,hpsv2,clip,aesthetic"
 
-# Prompt sets of the paper's evaluation (method.md §7), by name.
 SCORES_FILE = "scores.jsonl"
 CONFIG_FILE = "eval_config.json"
 IMAGES_DIR = "images"

@@ -1223,6 +1223,7 @@ class BadExampleTracker:
 # Prompts: for evaluation, generated pairs and online training
 # ----------------------------------------------------------------------------------------------------------------
 
+# Prompt sets of the paper's evaluation (docs/method.md §7), by name.
 BUILTIN_PROMPT_SETS = {
     # Pick-a-Pic v2 `validation_unique`: 500 unique captions.
     "pickapic": {"dataset": "yuvalkirstain/pickapic_v2", "split": "validation_unique", "column": "caption"},
