@@ -33,6 +33,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 
 import balanced_dpo
 import training
+import training_args
 
 
 check_min_version("0.34.0")
@@ -437,7 +438,7 @@ image = {call}
 
 
 def parse_args(input_args=None):
-    return training.parse_args(StableDiffusionXLFamily, input_args)
+    return training_args.parse_args(StableDiffusionXLFamily, input_args)
 
 
 def main(args):

@@ -22,7 +22,8 @@ import torch
 from launch_utils import REPO_ROOT, launch, read_scalars
 from safetensors.torch import load_file
 
-import training
+import run_state
+import training_args
 
 
 SCRIPT = "train_balanced_dpo.py"
@@ -142,7 +143,7 @@ def test_online_resume_mid_round_and_after_a_signal_equals_an_uninterrupted_run(
     assert result.returncode == 0, result.stderr[-5000:]
     assert "Stopping on a signal at step 4: checkpoint saved" in result.stderr, result.stderr[-5000:]
     assert "sampling calls after the signal: 0" in result.stdout
-    assert training.list_checkpoints(signalled) == ["checkpoint-4"]
+    assert run_state.list_checkpoints(signalled) == ["checkpoint-4"]
     assert not os.path.exists(os.path.join(signalled, LORA_NAME))
     launch(
         SCRIPT,
@@ -177,7 +178,7 @@ def test_online_argument_errors_say_what_to_change(tiny_assets_dir, prompt_file,
     def error(*extra, steps=("--max_train_steps", "2")):
         args = train_balanced_dpo.parse_args(online_args(tiny_assets_dir, prompt_file, str(tmp_path), *steps, *extra))
         with pytest.raises(ValueError) as caught:
-            training.validate_args(args, train_balanced_dpo.StableDiffusionFamily)
+            training_args.validate_args(args, train_balanced_dpo.StableDiffusionFamily)
         return str(caught.value)
 
     assert "--online_prompts needs --max_train_steps" in error(steps=())
