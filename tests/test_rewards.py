@@ -985,6 +985,16 @@ def test_fit_temperature_recovers_the_scale():
     assert rewards.fit_temperature(rng.normal(size=100), ties) is None
 
 
+def test_consensus_module_imports_no_model_library():
+    # Labelling precomputed scores must not pay for (or need) the model libraries.
+    code = (
+        "import multi_metric.consensus, sys; "
+        "loaded = {'transformers', 'open_clip'} & set(sys.modules); assert not loaded, loaded"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
