@@ -14,4 +14,7 @@
 """Multi-metric scoring and the consensus label of BalancedDPO; `rewards.py` is its public face.
 
 - `consensus`: per-metric pairwise probabilities, the consensus label and temperature fitting (torch and numpy only).
+- `images`: image decoding and the picklable, weight-free preprocessing that DataLoader workers run.
+- `scoring`: the `Scorer` base class and its registry, the score cache, `ScorerSet` and `build_scorers`.
+- `cuda_graphs`: CUDA-graph replay of the frozen scorer forwards.
 """

@@ -29,6 +29,7 @@ from PIL import Image
 
 import rewards
 import tiny_assets
+from multi_metric import cuda_graphs, scoring
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,7 +208,7 @@ def test_user_scorer_with_decorator(images):
         expected = -rewards.CLIPImagePreprocessor(size=8)(images).mean(dim=(1, 2, 3))
         torch.testing.assert_close(scorer.score(images, "x"), expected)
     finally:
-        rewards._SCORERS.pop("test_darkness", None)
+        scoring._SCORERS.pop("test_darkness", None)
     with pytest.raises(TypeError):
         rewards.register_scorer("not_a_scorer")(object)
 
@@ -615,15 +616,15 @@ def test_rows_equal_in_the_sampled_pixels_only_are_not_merged(scorer_set, images
     pixels = scorer_set.preprocessor([images[0], images[0]])
     for key, tensor in pixels.items():
         tensor[1, 0, 0, 1] += 0.5  # off the sampled grid: only a full comparison can tell the two rows apart
-    assert rewards._tensor_duplicates(pixels, ["p", "p"]) == (None, None)
-    assert rewards._tensor_duplicates(scorer_set.preprocessor([images[0]] * 2), ["p", "q"]) == (None, [0, 0])
+    assert scoring._tensor_duplicates(pixels, ["p", "p"]) == (None, None)
+    assert scoring._tensor_duplicates(scorer_set.preprocessor([images[0]] * 2), ["p", "q"]) == (None, [0, 0])
 
 
 def test_prompt_buckets_are_few_powers_of_two():
-    assert [rewards._prompt_bucket(n, 16) for n in range(1, 18)] == [1, 2, 4, 4] + [8] * 4 + [16] * 9
-    chunks = list(rewards._padded_prompt_chunks(["a", "b", "c", "d", "e"], 4, bucket=True))
+    assert [cuda_graphs._prompt_bucket(n, 16) for n in range(1, 18)] == [1, 2, 4, 4] + [8] * 4 + [16] * 9
+    chunks = list(cuda_graphs._padded_prompt_chunks(["a", "b", "c", "d", "e"], 4, bucket=True))
     assert chunks == [(["a", "b", "c", "d"], 4), (["e"], 1)]
-    assert list(rewards._padded_prompt_chunks(["a", "b", "c"], 8, bucket=True)) == [(["a", "b", "c", "c"], 3)]
+    assert list(cuda_graphs._padded_prompt_chunks(["a", "b", "c"], 8, bucket=True)) == [(["a", "b", "c", "c"], 3)]
 
 
 def test_graph_shaped_forwards_give_the_eager_scores(scorer_config, images):
