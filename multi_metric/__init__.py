@@ -17,4 +17,5 @@
 - `images`: image decoding and the picklable, weight-free preprocessing that DataLoader workers run.
 - `scoring`: the `Scorer` base class and its registry, the score cache, `ScorerSet` and `build_scorers`.
 - `cuda_graphs`: CUDA-graph replay of the frozen scorer forwards.
+- `builtin_scorers`: PickScore, CLIP score, LAION aesthetics, HPSv2 and ImageReward, with their weight loading.
 """

@@ -233,6 +233,12 @@ def _expand_rows(values: torch.Tensor, canonical: List[int]) -> torch.Tensor:
 _SCORERS: Dict[str, type] = {}
 
 
+def _registry() -> Dict[str, type]:
+    """The registered scorers, built-in ones included whichever module of the package was imported first."""
+    importlib.import_module(f"{__package__}.builtin_scorers")  # they register themselves on its first import
+    return _SCORERS
+
+
 def register_scorer(name: str):
     """Class decorator registering a `Scorer` subclass under `name` so `build_scorer(name)` and
     `--reward_models name` find it."""
@@ -241,7 +247,7 @@ def register_scorer(name: str):
         if not (isinstance(cls, type) and issubclass(cls, Scorer)):
             raise TypeError(f"@register_scorer({name!r}) needs a subclass of rewards.Scorer, got {cls!r}.")
         cls.name = name
-        _SCORERS[name] = cls
+        _registry()[name] = cls  # after the built-ins, so a user scorer may replace one
         return cls
 
     return decorator
@@ -249,12 +255,13 @@ def register_scorer(name: str):
 
 def available_scorers() -> List[str]:
     """Names of the registered scorers (built-in and user ones)."""
-    return sorted(_SCORERS)
+    return sorted(_registry())
 
 
 def _scorer_class(name: str) -> type:
-    if name in _SCORERS:
-        return _SCORERS[name]
+    registry = _registry()
+    if name in registry:
+        return registry[name]
     if ":" in name:
         module_name, _, class_name = name.partition(":")
         try:

@@ -191,6 +191,21 @@ def test_user_scorer_as_module_class(tmp_path, monkeypatch, images, scorer_confi
     torch.testing.assert_close(scores["user_scorers:Brightness"], expected / 2.0)
 
 
+def test_command_line_takes_a_user_scorer_as_module_class(tmp_path):
+    # `python rewards.py` runs as __main__, and the user module imports `rewards` again: both must share one Scorer
+    # base class and one registry.
+    (tmp_path / "user_scorers.py").write_text(USER_SCORER_MODULE)
+    image = str(tmp_path / "red.png")
+    tiny_assets.draw_shape_image("red", "circle", "white", size=48).save(image)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, os.path.join(ROOT, "rewards.py"), "score", "--images", image, "--prompt", "x",
+               "--reward_models", "user_scorers:Brightness", "--device", "cpu", "--json"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = rewards.CLIPImagePreprocessor(size=16)([rewards.load_image(image)]).mean()
+    assert json.loads(result.stdout)["scores"]["user_scorers:Brightness"] == [pytest.approx(float(expected))]
+
+
 def test_user_scorer_with_decorator(images):
     @rewards.register_scorer("test_darkness")
     class Darkness(rewards.Scorer):
