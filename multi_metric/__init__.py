@@ -18,4 +18,5 @@
 - `scoring`: the `Scorer` base class and its registry, the score cache, `ScorerSet` and `build_scorers`.
 - `cuda_graphs`: CUDA-graph replay of the frozen scorer forwards.
 - `builtin_scorers`: PickScore, CLIP score, LAION aesthetics, HPSv2 and ImageReward, with their weight loading.
+- `cli`: the `score`, `label` and `calibrate` commands of `python rewards.py`.
 """

@@ -396,6 +396,25 @@ class ConsensusLabeler:
         self.normalized_state = NormalizedSumState(normalize_warmup_pairs)
         self.generator = torch.Generator().manual_seed(self.seed)
 
+    @classmethod
+    def from_args(
+        cls, args, temperatures: Optional[Dict[str, float]] = None, weights: Optional[Dict[str, float]] = None
+    ) -> "ConsensusLabeler":
+        """The labeler that parsed arguments ask for: `consensus`, `abstain_margin`, `tie_policy`, `min_agreement`,
+        `human_vote`, `seed` (None counts as 0) and `normalize_warmup_pairs`, named as in `rewards.py` and the
+        training scripts. `temperatures` and `weights` are usually the run's `ScorerSet.temperatures` / `.weights`."""
+        return cls(
+            mode=args.consensus,
+            temperatures=temperatures,
+            weights=weights,
+            abstain_margin=args.abstain_margin,
+            tie_policy=args.tie_policy,
+            min_agreement=args.min_agreement,
+            human_vote=args.human_vote,
+            seed=args.seed if args.seed is not None else 0,
+            normalize_warmup_pairs=args.normalize_warmup_pairs,
+        )
+
     def __call__(self, scores_0, scores_1, human_label=None) -> ConsensusResult:
         return consensus(
             scores_0,

@@ -99,6 +99,12 @@ def test_available_scorers_lists_builtins():
     assert set(ALL_METRICS) <= set(rewards.available_scorers())
 
 
+def test_the_facade_exports_what_it_lists():
+    missing = [name for name in rewards.__all__ if not hasattr(rewards, name)]
+    assert not missing
+    assert rewards.Scorer is scoring.Scorer and rewards.register_scorer is scoring.register_scorer
+
+
 def test_unknown_metric_lists_available():
     with pytest.raises(ValueError) as error:
         rewards.build_scorer("no_such_metric")
@@ -989,6 +995,33 @@ def test_labeler_state_round_trip_resumes_identically(tmp_path):
         fresh = rewards.ConsensusLabeler(mode=mode, temperatures=TEMPS, seed=999, normalize_warmup_pairs=20)
         differs = [fresh(s0, s1).prob for s0, s1 in batches[2:]]
         assert any(not torch.equal(d, c.prob) for d, c in zip(differs, continued)), mode
+
+
+def test_labeler_from_args_is_the_labeler_of_the_command_line_and_the_trainer():
+    import argparse
+    import types
+
+    import balanced_dpo
+
+    temperatures, weights = {"clip": 2.0}, {"clip": 0.5}
+    args = argparse.Namespace(consensus="random_metric", abstain_margin=0.1, tie_policy="drop", min_agreement=0.5,
+                              human_vote=True, seed=None, normalize_warmup_pairs=64, precomputed_consensus=False)  # fmt: skip
+    labeler = rewards.ConsensusLabeler.from_args(args, temperatures, weights)
+    assert labeler.config() == {
+        "mode": "random_metric",
+        "temperatures": temperatures,
+        "weights": weights,
+        "abstain_margin": 0.1,
+        "tie_policy": "drop",
+        "min_agreement": 0.5,
+        "human_vote": True,
+        "seed": 0,  # the trainer's --seed defaults to None
+    }
+    assert labeler.normalized_state.warmup_pairs == 64
+    scorer_set = types.SimpleNamespace(temperatures=temperatures, weights=weights)
+    assert balanced_dpo.make_labeler(args, scorer_set).config() == labeler.config()
+    cli_args = rewards.parse_args(["score", "--images", "a.png", "--prompt", "x", "--consensus", "mean_prob"])
+    assert rewards.ConsensusLabeler.from_args(cli_args).config() == rewards.ConsensusLabeler(mode="mean_prob").config()
 
 
 def test_fit_temperature_recovers_the_scale():
