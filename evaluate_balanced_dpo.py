@@ -51,7 +51,7 @@ import rewards
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_REWARD_MODELS = "pickscore,hpsv2,clip,aesthetic"
+DEFAULT_REWARD_MODELS = ",".join(rewards.DEFAULT_REWARD_MODELS)
 
 # Prompt sets of the paper's evaluation (method.md §7), by name.
 BUILTIN_PROMPT_SETS = {
