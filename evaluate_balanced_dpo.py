@@ -52,7 +52,7 @@ from preference_data import PROMPT_COLUMN_CANDIDATES, load_prompts
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_REWARD_MODELS = "pickscore,hpsv2,clip,aesthetic"
+DEFAULT_REWARD_MODELS = ",".join(rewards.DEFAULT_REWARD_MODELS)
 
 SCORES_FILE = "scores.jsonl"
 CONFIG_FILE = "eval_config.json"

@@ -489,16 +489,10 @@ def make_labeler(args, scorer_set):
         return None
     import rewards
 
-    return rewards.ConsensusLabeler(
-        mode=args.consensus,
-        temperatures=scorer_set.temperatures if scorer_set is not None else None,
-        weights=scorer_set.weights if scorer_set is not None else None,
-        abstain_margin=args.abstain_margin,
-        tie_policy=args.tie_policy,
-        min_agreement=args.min_agreement,
-        human_vote=args.human_vote,
-        seed=args.seed if args.seed is not None else 0,
-        normalize_warmup_pairs=args.normalize_warmup_pairs,
+    return rewards.ConsensusLabeler.from_args(
+        args,
+        scorer_set.temperatures if scorer_set is not None else None,
+        scorer_set.weights if scorer_set is not None else None,
     )
 
 

@@ -28,11 +28,10 @@ from typing import List
 
 import balanced_dpo
 import preference_data
+import rewards
 from run_state import resolve_resume_checkpoint
 
 
-DEFAULT_REWARD_MODELS = "pickscore,hpsv2,clip,aesthetic"
-CONSENSUS_MODES = ("majority", "mean_prob", "human", "reward_sum", "normalized_sum", "random_metric")
 PRECOMPUTED_COLUMNS = ("consensus_label", "consensus_prob")
 # Defaults of the shared arguments that differ between families (a family's `defaults` overrides them).
 FAMILY_DEFAULTS = {
@@ -176,7 +175,10 @@ def parse_args(family, input_args=None):
     # Consensus
     group = parser.add_argument_group("consensus")
     group.add_argument(
-        "--reward_models", type=str, default=DEFAULT_REWARD_MODELS, help="Comma-separated metrics scored on the fly."
+        "--reward_models",
+        type=str,
+        default=",".join(rewards.DEFAULT_REWARD_MODELS),
+        help="Comma-separated metrics scored on the fly.",
     )
     group.add_argument(
         "--reward_config",
@@ -190,7 +192,7 @@ def parse_args(family, input_args=None):
         default="majority",
         help="majority, mean_prob, human, single:<metric>, reward_sum, normalized_sum or random_metric.",
     )
-    group.add_argument("--tie_policy", type=str, default="mean_prob", choices=["mean_prob", "human", "drop"])
+    group.add_argument("--tie_policy", type=str, default="mean_prob", choices=list(rewards.TIE_POLICIES))
     group.add_argument("--abstain_margin", type=float, default=0.0, help="A metric abstains when |p - 0.5| <= this.")
     group.add_argument(
         "--min_agreement", type=float, default=0.0, help="Drop pairs whose voter agreement is below this."
@@ -369,10 +371,8 @@ def parse_consensus_mode(mode, reward_models):
                 f" ({','.join(reward_models) or 'empty'}). Add it to --reward_models or pick one of those."
             )
         return [metric]
-    if mode not in CONSENSUS_MODES:
-        raise ValueError(
-            f"Unknown --consensus {mode!r}; choose one of {', '.join(CONSENSUS_MODES)} or single:<metric>."
-        )
+    if mode not in rewards.CONSENSUS_MODES:
+        raise ValueError(f"Unknown --consensus {mode!r}; choose one of {', '.join(rewards.CONSENSUS_MODES)}.")
     if mode == "human":
         return []
     if not reward_models:
@@ -471,8 +471,6 @@ def validate_args(args, family=None):
             )
         scored_metrics = []
     else:
-        import rewards
-
         known = set(rewards.available_scorers())
         for metric in reward_models:
             if metric not in known and ":" not in metric:
