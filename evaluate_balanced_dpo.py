@@ -47,22 +47,13 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 import rewards
+from preference_data import PROMPT_COLUMN_CANDIDATES, load_prompts
 
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_REWARD_MODELS = "pickscore,hpsv2,clip,aesthetic"
+DEFAULT_REWARD_MODELS = ",".join(rewards.DEFAULT_REWARD_MODELS)
 
-# Prompt sets of the paper's evaluation (method.md §7), by name.
-BUILTIN_PROMPT_SETS = {
-    # Pick-a-Pic v2 `validation_unique`: 500 unique captions.
-    "pickapic": {"dataset": "yuvalkirstain/pickapic_v2", "split": "validation_unique", "column": "caption"},
-    # PartiPrompts: 1,632 prompts.
-    "partiprompts": {"dataset": "nateraw/parti-prompts", "split": "train", "column": "Prompt"},
-    # HPDv2 test split: 400 prompts, `test.json` of the HPDv2 dataset repository (a list of {"prompt", ...}).
-    "hpdv2": {"repo_id": "ymhao/HPDv2", "filename": "test.json", "column": "prompt"},
-}
-PROMPT_COLUMN_CANDIDATES = ("caption", "prompt", "Prompt", "text")
 SCORES_FILE = "scores.jsonl"
 CONFIG_FILE = "eval_config.json"
 IMAGES_DIR = "images"
@@ -226,98 +217,6 @@ def parse_args(input_args=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _column(names, column, source):
-    if column is not None:
-        if column not in names:
-            raise ValueError(f"Column {column!r} not in {source} (columns: {', '.join(names)}).")
-        return column
-    for candidate in PROMPT_COLUMN_CANDIDATES:
-        if candidate in names:
-            return candidate
-    raise ValueError(f"No prompt column in {source} (columns: {', '.join(names)}); pass --prompt_column.")
-
-
-def _dataset_prompts(path, column=None, split=None, max_prompts=None, parquet=False, **load_kwargs):
-    """Prompts from a dataset column; streams, so a prompt column of a large Hub dataset needs no full download."""
-    import datasets
-
-    extension = os.path.splitext(path)[1].lstrip(".").lower()
-    if os.path.isfile(path) and extension in ("parquet", "csv", "json", "jsonl", "tsv"):
-        builder = {"jsonl": "json", "tsv": "csv"}.get(extension, extension)
-        if extension == "tsv":
-            load_kwargs["sep"] = "\t"
-        streams = datasets.load_dataset(builder, data_files=path, streaming=True, **load_kwargs)
-    else:
-        kwargs = dict(load_kwargs)
-        if parquet and column is not None:
-            kwargs["columns"] = [column]  # read only the prompt column (Pick-a-Pic rows carry two JPEGs each)
-        streams = datasets.load_dataset(path, streaming=True, **kwargs)
-    if split is None:
-        split = next((s for s in ("test", "validation", "train") if s in streams), next(iter(streams)))
-    elif split not in streams:
-        raise ValueError(f"Split {split!r} not in {path} (splits: {', '.join(streams)}).")
-    stream = streams[split]
-    names = list(stream.features) if stream.features is not None else None
-    prompts = []
-    for row in stream:
-        if names is None:
-            names = list(row)
-        column = _column(names, column, path)
-        prompts.append(str(row[column]))
-        if max_prompts is not None and len(prompts) >= max_prompts:
-            break
-    return prompts, {"source": path, "split": split, "column": column}
-
-
-def load_prompts(source, column=None, split=None, max_prompts=None, cache_dir=None):
-    """The evaluation prompts and a description of where they came from.
-
-    `source` is a built-in name (`pickapic`, `partiprompts`, `hpdv2`), a `.txt` file (one prompt per line), a `.json`
-    file (a list of strings, or of objects with a prompt column), or a dataset: a local folder or data file, or a
-    Hub id, read from `column` of `split`. Order is kept; `max_prompts` keeps the first N.
-    """
-    if source in BUILTIN_PROMPT_SETS:
-        spec = BUILTIN_PROMPT_SETS[source]
-        if "repo_id" in spec:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(spec["repo_id"], spec["filename"], repo_type="dataset", cache_dir=cache_dir)
-            with open(path, encoding="utf-8") as f:
-                prompts = [str(row[spec["column"]]) for row in json.load(f)]
-            info = {"source": f"{spec['repo_id']}/{spec['filename']}", "split": "test", "column": spec["column"]}
-        else:
-            prompts, info = _dataset_prompts(
-                spec["dataset"],
-                column=spec["column"],
-                split=spec["split"],
-                max_prompts=max_prompts,
-                parquet=source == "pickapic",
-            )
-        info["name"] = source
-    elif os.path.isfile(source) and source.lower().endswith(".txt"):
-        with open(source, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        info = {"source": source, "split": None, "column": None}
-    elif os.path.isfile(source) and source.lower().endswith(".json"):
-        with open(source, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, list):
-            raise ValueError(f"{source} must hold a JSON list of prompts.")
-        if data and isinstance(data[0], dict):
-            column = _column(list(data[0]), column, source)
-            prompts = [str(row[column]) for row in data]
-        else:
-            prompts = [str(p) for p in data]
-        info = {"source": source, "split": None, "column": column}
-    else:
-        prompts, info = _dataset_prompts(source, column=column, split=split, max_prompts=max_prompts)
-    if max_prompts is not None:
-        prompts = prompts[:max_prompts]
-    if not prompts:
-        raise ValueError(f"No prompts found in {source}.")
-    return prompts, info
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Win rates and intervals
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,6 +298,28 @@ def compute_win_rates(
         }
     average = {"win_rate": float(columns[:, -1].mean()), "ci_low": float(low[-1]), "ci_high": float(high[-1])}
     return per_metric, average
+
+
+def compute_joint_win_rates(
+    metrics, scores_a, scores_b, confidence=0.95, num_samples=10000, tie_tolerance=0.0, seed=0
+):
+    """The joint win rate: the share of prompts on which A beats B on every metric, and B beats A on every metric,
+    each with a percentile-bootstrap interval over prompts. The direct measure of "balanced": a model that buys one
+    metric with another wins on some metrics of a prompt, not on all. A tie on any metric is no joint win.
+
+    Returns {"a": {...}, "b": {...}}, each with `rate`, `ci_low`, `ci_high`, `prompts` (how many such prompts)."""
+    outcomes = np.stack([pairwise_outcomes(scores_a[m], scores_b[m], tie_tolerance) for m in metrics], axis=1)
+    joint = np.stack([(outcomes == 1).all(axis=1), (outcomes == 0).all(axis=1)], axis=1).astype(np.float64)
+    low, high = bootstrap_intervals(joint, confidence, num_samples, seed)
+    return {
+        side: {
+            "rate": float(joint[:, k].mean()),
+            "ci_low": float(low[k]),
+            "ci_high": float(high[k]),
+            "prompts": int(joint[:, k].sum()),
+        }
+        for k, side in enumerate(("a", "b"))
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -761,6 +682,22 @@ def format_markdown(results):
         )
     avg = results["average_win_rate"]
     lines.append(f"| **average** | **{avg['win_rate']:.3f}** | [{avg['ci_low']:.3f}, {avg['ci_high']:.3f}] | | | |")
+    joint = results.get("joint_win_rate")
+    if joint:
+        lines += [
+            "",
+            "Joint win rate: the share of prompts on which one model beats the other on every metric "
+            f"({int(interval['confidence'] * 100)}% percentile bootstrap over prompts).",
+            "",
+            "| | share of prompts | interval | prompts |",
+            "|---|---|---|---|",
+        ]
+        for side, name in (("a", a), ("b", b)):
+            j = joint[side]
+            lines.append(
+                f"| {name} beats {b if side == 'a' else a} on every metric | {j['rate']:.3f} | "
+                f"[{j['ci_low']:.3f}, {j['ci_high']:.3f}] | {j['prompts']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -884,6 +821,15 @@ def main(args):
         tie_tolerance=args.tie_tolerance,
         seed=args.seed,
     )
+    joint = compute_joint_win_rates(
+        metrics,
+        scores_a,
+        scores_b,
+        confidence=args.confidence,
+        num_samples=args.bootstrap_samples,
+        tie_tolerance=args.tie_tolerance,
+        seed=args.seed,
+    )
     results = {
         "model_a": dict(config["model_a"], name=name_a),
         "model_b": dict(config["model_b"], name=name_b),
@@ -911,6 +857,7 @@ def main(args):
         "tie_tolerance": args.tie_tolerance,
         "win_rate": per_metric,
         "average_win_rate": average,
+        "joint_win_rate": joint,
         "num_prompts_evaluated_this_run": len(todo),
         "num_prompts_resumed": len(prompts) - len(todo),
         "num_images_generated": num_generated,

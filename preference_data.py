@@ -35,6 +35,7 @@ both training scripts:
 import argparse
 import collections
 import io
+import json
 import logging
 import math
 import numbers
@@ -1216,3 +1217,140 @@ class BadExampleTracker:
         self.recent.clear()
         for index, reason in state_dict.get("recent", []):
             self.recent.append((int(index), str(reason)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts: for evaluation, generated pairs and online training
+# ----------------------------------------------------------------------------------------------------------------
+
+# Prompt sets of the paper's evaluation (docs/method.md §7), by name.
+BUILTIN_PROMPT_SETS = {
+    # Pick-a-Pic v2 `validation_unique`: 500 unique captions.
+    "pickapic": {"dataset": "yuvalkirstain/pickapic_v2", "split": "validation_unique", "column": "caption"},
+    # PartiPrompts: 1,632 prompts.
+    "partiprompts": {"dataset": "nateraw/parti-prompts", "split": "train", "column": "Prompt"},
+    # HPDv2 test split: 400 prompts, `test.json` of the HPDv2 dataset repository (a list of {"prompt", ...}).
+    "hpdv2": {"repo_id": "ymhao/HPDv2", "filename": "test.json", "column": "prompt"},
+}
+PROMPT_COLUMN_CANDIDATES = ("caption", "prompt", "Prompt", "text")
+
+
+def _clean_prompt(value):
+    """The prompt as text, or None for an empty, missing or undecodable one (those are skipped and counted)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip()
+
+
+def _clean_prompts(values):
+    prompts = [_clean_prompt(v) for v in values]
+    return [p for p in prompts if p is not None], sum(p is None for p in prompts)
+
+
+def _column(names, column, source):
+    if column is not None:
+        if column not in names:
+            raise ValueError(f"Column {column!r} not in {source} (columns: {', '.join(names)}).")
+        return column
+    for candidate in PROMPT_COLUMN_CANDIDATES:
+        if candidate in names:
+            return candidate
+    raise ValueError(f"No prompt column in {source} (columns: {', '.join(names)}); pass --prompt_column.")
+
+
+def _dataset_prompts(path, column=None, split=None, max_prompts=None, parquet=False, **load_kwargs):
+    """Prompts from a dataset column; streams, so a prompt column of a large Hub dataset needs no full download."""
+    import datasets
+
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if os.path.isfile(path) and extension in ("parquet", "csv", "json", "jsonl", "tsv"):
+        builder = {"jsonl": "json", "tsv": "csv"}.get(extension, extension)
+        if extension == "tsv":
+            load_kwargs["sep"] = "\t"
+        streams = datasets.load_dataset(builder, data_files=path, streaming=True, **load_kwargs)
+    else:
+        kwargs = dict(load_kwargs)
+        if parquet and column is not None:
+            kwargs["columns"] = [column]  # read only the prompt column (Pick-a-Pic rows carry two JPEGs each)
+        streams = datasets.load_dataset(path, streaming=True, **kwargs)
+    if split is None:
+        split = next((s for s in ("test", "validation", "train") if s in streams), next(iter(streams)))
+    elif split not in streams:
+        raise ValueError(f"Split {split!r} not in {path} (splits: {', '.join(streams)}).")
+    stream = streams[split]
+    names = list(stream.features) if stream.features is not None else None
+    prompts = []
+    skipped = 0
+    for row in stream:
+        if names is None:
+            names = list(row)
+        column = _column(names, column, path)
+        prompt = _clean_prompt(row[column])
+        if prompt is None:
+            skipped += 1
+            continue
+        prompts.append(prompt)
+        if max_prompts is not None and len(prompts) >= max_prompts:
+            break
+    return prompts, {"source": path, "split": split, "column": column, "skipped": skipped}
+
+
+def load_prompts(source, column=None, split=None, max_prompts=None, cache_dir=None):
+    """Prompts (for evaluation, generated pairs and online training) and a description of where they came from.
+
+    `source` is a built-in name (`pickapic`, `partiprompts`, `hpdv2`), a `.txt` file (one prompt per line), a `.json`
+    file (a list of strings, or of objects with a prompt column), or a dataset: a local folder or data file, or a
+    Hub id, read from `column` of `split`. Order is kept; `max_prompts` keeps the first N. Empty, missing and
+    undecodable prompts are skipped and counted in `info["skipped"]`.
+    """
+    if source in BUILTIN_PROMPT_SETS:
+        spec = BUILTIN_PROMPT_SETS[source]
+        if "repo_id" in spec:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(spec["repo_id"], spec["filename"], repo_type="dataset", cache_dir=cache_dir)
+            with open(path, encoding="utf-8") as f:
+                prompts, skipped = _clean_prompts(row.get(spec["column"]) for row in json.load(f))
+            info = {
+                "source": f"{spec['repo_id']}/{spec['filename']}",
+                "split": "test",
+                "column": spec["column"],
+                "skipped": skipped,
+            }
+        else:
+            prompts, info = _dataset_prompts(
+                spec["dataset"],
+                column=spec["column"],
+                split=spec["split"],
+                max_prompts=max_prompts,
+                parquet=source == "pickapic",
+            )
+        info["name"] = source
+    elif os.path.isfile(source) and source.lower().endswith(".txt"):
+        with open(source, encoding="utf-8", errors="replace") as f:
+            lines = [line.rstrip("\n") for line in f]
+        prompts, skipped = _clean_prompts(None if "\ufffd" in line else line for line in lines)
+        info = {"source": source, "split": None, "column": None, "skipped": skipped}
+    elif os.path.isfile(source) and source.lower().endswith(".json"):
+        with open(source, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, list):
+            raise ValueError(f"{source} must hold a JSON list of prompts.")
+        if data and isinstance(data[0], dict):
+            column = _column(list(data[0]), column, source)
+            prompts, skipped = _clean_prompts(row.get(column) if isinstance(row, dict) else None for row in data)
+        else:
+            prompts, skipped = _clean_prompts(data)
+        info = {"source": source, "split": None, "column": column, "skipped": skipped}
+    else:
+        prompts, info = _dataset_prompts(source, column=column, split=split, max_prompts=max_prompts)
+    if max_prompts is not None:
+        prompts = prompts[:max_prompts]
+    if not prompts:
+        raise ValueError(f"No prompts found in {source}.")
+    return prompts, info

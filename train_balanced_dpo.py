@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 import balanced_dpo
 import training
+import training_args
 
 
 check_min_version("0.34.0")
@@ -118,7 +119,7 @@ class StableDiffusionFamily(training.ModelFamily):
             **components,
         )
         if lora_dir is not None:
-            pipeline.load_lora_weights(lora_dir)
+            pipeline.load_lora_weights(lora_dir, weight_name=training.LORA_WEIGHTS_NAME)
         return pipeline
 
     def default_license(self):
@@ -129,7 +130,7 @@ class StableDiffusionFamily(training.ModelFamily):
 
 
 def parse_args(input_args=None):
-    return training.parse_args(StableDiffusionFamily, input_args)
+    return training_args.parse_args(StableDiffusionFamily, input_args)
 
 
 def main(args):

@@ -33,6 +33,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 
 import balanced_dpo
 import training
+import training_args
 
 
 check_min_version("0.34.0")
@@ -323,8 +324,8 @@ class StableDiffusionXLFamily(training.ModelFamily):
     def prepare(self, train_dataset, streaming):
         """With --cache_text_embeddings on a map-style dataset, encodes every caption now and frees the encoders."""
         args = self.args
-        if not args.cache_text_embeddings or streaming:
-            return
+        if not args.cache_text_embeddings or streaming or train_dataset is None:
+            return  # streams and online prompts are encoded on first sight
         captions = train_dataset.select_columns([args.caption_column])[args.caption_column]
         captions = [c for c in dict.fromkeys(captions) if isinstance(c, str) and c.strip()]
         captions.append("")  # --proportion_empty_prompts
@@ -393,7 +394,7 @@ class StableDiffusionXLFamily(training.ModelFamily):
             **components,
         )
         if lora_dir is not None:
-            pipeline.load_lora_weights(lora_dir)
+            pipeline.load_lora_weights(lora_dir, weight_name=training.LORA_WEIGHTS_NAME)
         return pipeline
 
     def validation_call_kwargs(self):
@@ -437,7 +438,7 @@ image = {call}
 
 
 def parse_args(input_args=None):
-    return training.parse_args(StableDiffusionXLFamily, input_args)
+    return training_args.parse_args(StableDiffusionXLFamily, input_args)
 
 
 def main(args):

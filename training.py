@@ -13,48 +13,60 @@
 # limitations under the License.
 """The BalancedDPO training run every model family shares.
 
-A family script (`train_balanced_dpo.py` for SD 1.x/2.x, `train_balanced_dpo_sdxl.py` for SDXL) defines a
+A family script (`train_balanced_dpo.py` for SD 1.x/2.x, `train_balanced_dpo_sdxl.py` for SDXL, ...) defines a
 `ModelFamily` with what is its own: loading its models, its text conditioning, its noise and target, its validation
 pipeline. It then calls `train(args, Family)`, and everything else happens here, once:
 
-- `parse_args` / `validate_args`: every shared argument, checked in seconds before anything is loaded.
 - `DPOTrainer`: one optimizer step. The consensus labels each micro-batch, `pair_losses` computes the DPO loss of the
   kept pairs (the loss, in one function), `accumulate` runs their backward, and `optimizer_step` reduces the
   gradients of every process and micro-batch so that each kept pair weighs the same, then clips and steps (or skips a
   non-finite step; under fp16 the gradient scaler decides).
-- `train`: the run top to bottom: accelerator and trackers, data, models and LoRA, scorers, optimizer, checkpoints,
-  the loop (micro-batches grouped into optimizer steps, signals honoured between any two micro-batches), the final
-  LoRA, validation, model card and Hub upload.
+- `micro_batches`: groups batches into optimizer steps, agreed by every process, and honours a stop signal between
+  any two micro-batches.
+- `train`: the run top to bottom: accelerator and trackers, data (or online rounds, `online.py`), models and LoRA,
+  scorers, optimizer, checkpoints, the loop, the final LoRA, validation, model card and Hub upload.
 
-The loss and the reference model are in `balanced_dpo.py`, the consensus in `rewards.py`, the data pipeline in
+The arguments and their checks are in `training_args.py`, checkpoints and the saved run state in `run_state.py`, the
+loss and the reference model in `balanced_dpo.py`, the consensus in `rewards.py`, the data pipeline in
 `preference_data.py`.
 """
 
-import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
-import re
-import shutil
-import signal
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 from accelerate.logging import get_logger
 
 import balanced_dpo
 import preference_data
+from run_state import (
+    GracefulStop,
+    RunState,
+    TrainingProgress,
+    check_finite_lora,
+    ignore_stop_signals,
+    record_bad_examples,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    training_generator,
+)
+from training_args import (
+    FAMILY_DEFAULTS,
+    PRECOMPUTED_COLUMNS,
+    read_validation_prompts,
+    tracker_config,
+    upload_ignore_patterns,
+    validate_args,
+)
 
 
 logger = get_logger(__name__)
 
-DEFAULT_REWARD_MODELS = "pickscore,hpsv2,clip,aesthetic"
-CONSENSUS_MODES = ("majority", "mean_prob", "human", "reward_sum", "normalized_sum", "random_metric")
-PRECOMPUTED_COLUMNS = ("consensus_label", "consensus_prob")
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -78,13 +90,7 @@ class ModelFamily:
     # UNet LoRAs are saved in diffusers' key format, transformer LoRAs in peft's, as diffusers' own scripts do.
     lora_in_diffusers_format = True
     # Defaults of the shared arguments that differ between families.
-    defaults = {
-        "resolution": 512,
-        "train_batch_size": 16,
-        "output_dir": "balanced-dpo-lora",
-        "lora_target_modules": "to_k,to_q,to_v,to_out.0",
-        "validation_inference_steps": 25,
-    }
+    defaults = FAMILY_DEFAULTS
     model_card_tags = ()
     description = "a text-to-image diffusion model"
 
@@ -146,7 +152,8 @@ class ModelFamily:
         )
 
     def lora_state_dict(self, input_dir):
-        state = self.pipeline_class.lora_state_dict(input_dir)
+        # An explicit weight name: diffusers < 0.40 refuses to guess it offline, even for a local folder.
+        state = self.pipeline_class.lora_state_dict(input_dir, weight_name=LORA_WEIGHTS_NAME)
         return state[0] if isinstance(state, tuple) else state
 
     def validation_pipeline(self, lora_dir=None):
@@ -229,466 +236,6 @@ def base_model_license(args):
         return None
     license_ = getattr(data, "license", None)
     return license_ if isinstance(license_, str) and license_ else None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def parse_args(family, input_args=None):
-    """Every argument: the shared ones (with `family.defaults`) and the family's own (`family.add_arguments`)."""
-    defaults = {**ModelFamily.defaults, **family.defaults}
-    parser = argparse.ArgumentParser(description=f"BalancedDPO LoRA training for {family.description}.")
-    # Model
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        required=True,
-        help="Path to a pretrained pipeline folder or a model identifier from huggingface.co/models.",
-    )
-    group.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
-    group.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
-    # Data
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset_name",
-        type=str,
-        default=None,
-        help="A local path `datasets` can load, or a Hub dataset id, in the Pick-a-Pic format (see README).",
-    )
-    group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset config name.")
-    group.add_argument("--train_data_dir", type=str, default=None, help="A local folder of data files instead.")
-    group.add_argument("--dataset_split_name", type=str, default="train", help="The split to train on.")
-    group.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it.")
-    group.add_argument(
-        "--streaming_split",
-        type=str,
-        default="rows",
-        choices=["rows", "shards"],
-        help="How a stream is shared by processes x DataLoader workers: each reads the whole stream and keeps every"
-        " N-th row ('rows': equal shares, fine for local data), or reads whole data files of its own ('shards': each"
-        " file is downloaded once; needs at least as many files as readers).",
-    )
-    group.add_argument("--caption_column", type=str, default="caption")
-    group.add_argument("--image_0_column", type=str, default="jpg_0")
-    group.add_argument("--image_1_column", type=str, default="jpg_1")
-    group.add_argument(
-        "--label_0_column",
-        type=str,
-        default="label_0",
-        help="Human label column (1 = image 0 preferred, 0 = image 1, 0.5 = tie). Pass '' if the data has none.",
-    )
-    group.add_argument("--drop_human_ties", action="store_true", help="Drop pairs the human label calls a tie.")
-    group.add_argument("--proportion_empty_prompts", type=float, default=0.0, help="Share of captions replaced by ''.")
-    group.add_argument("--max_train_samples", type=int, default=None, help="Truncate the dataset (works streaming).")
-    group.add_argument(
-        "--max_bad_examples",
-        type=str,
-        default=None,
-        help="Stop when more rows than this (count, or a fraction < 1) are unusable.",
-    )
-    group.add_argument("--resolution", type=int, default=defaults["resolution"], help="Training resolution.")
-    group.add_argument(
-        "--random_crop", action="store_true", help="Random instead of center crops (same crop for both images)."
-    )
-    group.add_argument(
-        "--no_hflip", action="store_true", help="Disable random horizontal flips (same flip for both images)."
-    )
-    group.add_argument(
-        "--dataloader_num_workers",
-        type=int,
-        default=0,
-        help="Data loading processes (0 = main process). Resume a streaming run with the same number.",
-    )
-    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
-    # LoRA
-    group = parser.add_argument_group("LoRA")
-    group.add_argument("--rank", type=int, default=8, help="The dimension of the LoRA update matrices.")
-    group.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: equal to --rank).")
-    group.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
-    group.add_argument(
-        "--lora_target_modules",
-        type=str,
-        default=defaults["lora_target_modules"],
-        help="Comma-separated module names of the denoiser that get LoRA layers.",
-    )
-    # Consensus
-    group = parser.add_argument_group("consensus")
-    group.add_argument(
-        "--reward_models", type=str, default=DEFAULT_REWARD_MODELS, help="Comma-separated metrics scored on the fly."
-    )
-    group.add_argument(
-        "--reward_config",
-        type=str,
-        default=None,
-        help="JSON mapping metric -> build_scorer options (see `rewards.py calibrate`).",
-    )
-    group.add_argument(
-        "--consensus",
-        type=str,
-        default="majority",
-        help="majority, mean_prob, human, single:<metric>, reward_sum, normalized_sum or random_metric.",
-    )
-    group.add_argument("--tie_policy", type=str, default="mean_prob", choices=["mean_prob", "human", "drop"])
-    group.add_argument("--abstain_margin", type=float, default=0.0, help="A metric abstains when |p - 0.5| <= this.")
-    group.add_argument(
-        "--min_agreement", type=float, default=0.0, help="Drop pairs whose voter agreement is below this."
-    )
-    group.add_argument("--human_vote", action="store_true", help="The human label votes too.")
-    group.add_argument(
-        "--label_mode",
-        type=str,
-        default="hard",
-        choices=["hard", "soft"],
-        help="Hard labels or the consensus probability as a soft target.",
-    )
-    group.add_argument(
-        "--precomputed_consensus",
-        action="store_true",
-        help="Read consensus_label/consensus_prob columns written by `rewards.py label`; load no scorer.",
-    )
-    group.add_argument(
-        "--max_consecutive_dropped_pairs",
-        type=int,
-        default=10000,
-        help="Stop with an error saying why when this many pairs in a row (or a whole epoch) were dropped.",
-    )
-    group.add_argument(
-        "--scorer_dtype",
-        type=str,
-        default=None,
-        choices=["float32", "float16", "bfloat16"],
-        help="Scorer weights dtype (default: float16 on CUDA, float32 elsewhere: bfloat16 rounding flips close votes;"
-        " see README).",
-    )
-    group.add_argument(
-        "--offload_scorers",
-        action="store_true",
-        help="Keep scorers on the CPU and move each to the GPU only while it scores (for 24 GB cards).",
-    )
-    group.add_argument(
-        "--no_scorer_cuda_graphs",
-        action="store_true",
-        help="Run scorer forwards eagerly instead of replaying CUDA graphs (graphs are used on CUDA without offload).",
-    )
-    group.add_argument(
-        "--no_score_ahead",
-        action="store_true",
-        help="Score each batch when it is trained on instead of one batch ahead on a side CUDA stream.",
-    )
-    group.add_argument(
-        "--normalize_warmup_pairs", type=int, default=2048, help="Pairs used to estimate the scales of normalized_sum."
-    )
-    # Loss and reference
-    group = parser.add_argument_group("loss and reference model")
-    group.add_argument("--loss_type", type=str, default="sigmoid", choices=list(balanced_dpo.LOSS_TYPES))
-    group.add_argument(
-        "--beta_dpo", type=float, default=defaults.get("beta_dpo", 5000.0), help="DPO beta (the same in every script)."
-    )
-    group.add_argument(
-        "--ref_update_steps",
-        type=int,
-        default=0,
-        help="Make the reference the current policy every N optimizer steps (0 = frozen base model).",
-    )
-    group.add_argument("--ref_update_mode", type=str, default="copy", choices=["copy", "ema"])
-    group.add_argument(
-        "--ref_ema_decay", type=float, default=0.9, help="EMA decay of the reference for --ref_update_mode ema."
-    )
-    # Optimization
-    group = parser.add_argument_group("optimization")
-    group.add_argument(
-        "--train_batch_size",
-        type=int,
-        default=defaults["train_batch_size"],
-        help="Pairs per device per micro-step.",
-    )
-    group.add_argument("--num_train_epochs", type=int, default=1)
-    group.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps (overrides epochs).")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
-    group.add_argument("--learning_rate", type=float, default=1e-5)
-    group.add_argument("--scale_lr", action="store_true", help="Scale the lr by GPUs x accumulation x batch size.")
-    group.add_argument("--lr_scheduler", type=str, default="constant", help="Any diffusers scheduler name.")
-    group.add_argument("--lr_warmup_steps", type=int, default=0)
-    group.add_argument("--lr_num_cycles", type=int, default=1)
-    group.add_argument("--lr_power", type=float, default=1.0)
-    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    group.add_argument("--adam_epsilon", type=float, default=1e-08)
-    group.add_argument("--max_grad_norm", default=1.0, type=float)
-    group.add_argument(
-        "--max_nonfinite_steps",
-        type=int,
-        default=5,
-        help="Stop after this many optimizer steps in a row with a non-finite loss or gradient (fp16 overflows that"
-        " the gradient scaler handles do not count).",
-    )
-    group.add_argument("--vae_encode_batch_size", type=int, default=8)
-    group.add_argument(
-        "--cache_latents",
-        action="store_true",
-        help="Keep each image's VAE encoding (per flip and crop) in host memory and reuse it in later epochs; latents "
-        "are still sampled fresh every time. For multi-epoch runs on datasets that fit in RAM.",
-    )
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    group.add_argument("--allow_tf32", action="store_true")
-    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-    group.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
-    # Checkpoints, logging, Hub
-    group = parser.add_argument_group("checkpoints, logging and the Hub")
-    group.add_argument("--output_dir", type=str, default=defaults["output_dir"])
-    group.add_argument("--checkpointing_steps", type=int, default=500)
-    group.add_argument("--checkpoints_total_limit", type=int, default=None)
-    group.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint-N folder or 'latest'.")
-    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
-    group.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
-    group.add_argument("--tracker_name", type=str, default=defaults["output_dir"])
-    group.add_argument("--push_to_hub", action="store_true")
-    group.add_argument(
-        "--hub_token",
-        type=str,
-        default=None,
-        help="Hub token for --push_to_hub. Prefer `hf auth login`: a token on the command line stays in your shell"
-        " history. It is never written to a file or a tracker.",
-    )
-    group.add_argument("--hub_model_id", type=str, default=None)
-    group.add_argument("--local_rank", type=int, default=-1)
-    # Validation
-    group = parser.add_argument_group("validation")
-    group.add_argument(
-        "--validation_prompts",
-        type=str,
-        nargs="+",
-        default=None,
-        help="Prompts, or one text file with a prompt per line.",
-    )
-    group.add_argument("--num_validation_images", type=int, default=1)
-    group.add_argument("--validation_steps", type=int, default=200)
-    group.add_argument(
-        "--validation_inference_steps",
-        type=int,
-        default=None,
-        help=f"Sampling steps of validation images (default {defaults['validation_inference_steps']}).",
-    )
-    group.add_argument(
-        "--score_validation", action="store_true", help="Score LoRA and base validation images with the reward models."
-    )
-    family.add_arguments(parser)
-
-    args = parser.parse_args(input_args) if input_args is not None else parser.parse_args()
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_local_rank != -1 and env_local_rank != args.local_rank:
-        args.local_rank = env_local_rank
-    if args.label_0_column == "":
-        args.label_0_column = None
-    return args
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-    """What `validate_args` decides from the arguments."""
-
-    reward_models: List[str]  # --reward_models, parsed
-    scored_metrics: List[str]  # the metrics scored live for the consensus (none when precomputed or human)
-    dynamic_reference: bool  # --ref_update_steps > 0
-    max_bad_examples: object  # --max_bad_examples, parsed (int, fraction or None)
-
-
-def parse_consensus_mode(mode, reward_models):
-    """Validates `--consensus` against the loaded metrics; returns the metric names the mode needs scored."""
-    if mode.startswith("single:"):
-        metric = mode.split(":", 1)[1]
-        if metric not in reward_models:
-            raise ValueError(
-                f"--consensus {mode} names metric {metric!r}, which is not in --reward_models"
-                f" ({','.join(reward_models) or 'empty'}). Add it to --reward_models or pick one of those."
-            )
-        return [metric]
-    if mode not in CONSENSUS_MODES:
-        raise ValueError(
-            f"Unknown --consensus {mode!r}; choose one of {', '.join(CONSENSUS_MODES)} or single:<metric>."
-        )
-    if mode == "human":
-        return []
-    if not reward_models:
-        raise ValueError(f"--consensus {mode} needs at least one metric in --reward_models.")
-    return list(reward_models)
-
-
-def _check_positive(args, *names):
-    for name in names:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1 (got {getattr(args, name)}).")
-
-
-def validate_args(args, family=None):
-    """Checks every argument that can be checked without loading a model or a dataset (raises ValueError) and returns
-    the RunPlan decided from them. Runs the family's own checks too."""
-    if args.beta_dpo <= 0:
-        raise ValueError(f"--beta_dpo must be positive (got {args.beta_dpo}); the default is 5000.")
-    if args.loss_type not in balanced_dpo.LOSS_TYPES:
-        raise ValueError(
-            f"Unknown --loss_type {args.loss_type!r}; choose one of {', '.join(balanced_dpo.LOSS_TYPES)}."
-        )
-    if args.dataset_name is None and args.train_data_dir is None:
-        raise ValueError("Specify --dataset_name (a local path or a Hub id) or --train_data_dir.")
-    if args.dataset_name is not None and args.train_data_dir is not None:
-        raise ValueError("Specify only one of --dataset_name and --train_data_dir.")
-    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
-        raise ValueError("--proportion_empty_prompts must be in [0, 1].")
-    if not 0.0 <= args.min_agreement <= 1.0:
-        raise ValueError("--min_agreement must be in [0, 1].")
-    if not 0.0 <= args.abstain_margin < 0.5:
-        raise ValueError("--abstain_margin must be in [0, 0.5).")
-    if args.ref_update_steps < 0:
-        raise ValueError("--ref_update_steps must be >= 0 (0 keeps the base model as the reference).")
-    if args.ref_update_mode not in ("copy", "ema"):
-        raise ValueError("--ref_update_mode must be 'copy' or 'ema'.")
-    if not 0.0 <= args.ref_ema_decay < 1.0:
-        raise ValueError("--ref_ema_decay must be in [0, 1).")
-    if args.label_mode not in ("hard", "soft"):
-        raise ValueError("--label_mode must be 'hard' or 'soft'.")
-    if args.rank <= 0:
-        raise ValueError("--rank must be positive.")
-    # Used as `step % N` or as counts: 0 would crash or hang hours into a run.
-    _check_positive(
-        args,
-        "gradient_accumulation_steps",
-        "train_batch_size",
-        "checkpointing_steps",
-        "validation_steps",
-        "max_nonfinite_steps",
-        "max_consecutive_dropped_pairs",
-        "num_validation_images",
-        "validation_inference_steps",
-        "vae_encode_batch_size",
-    )
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError("--checkpoints_total_limit must be >= 1 (or left unset to keep every checkpoint).")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ValueError("--max_train_steps must be >= 1.")
-    if not args.max_grad_norm > 0:
-        raise ValueError(f"--max_grad_norm must be positive (got {args.max_grad_norm}); the default is 1.0.")
-    if args.resolution < 8 or args.resolution % 8 != 0:
-        raise ValueError(
-            f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}."
-        )
-    if getattr(args, "cache_latents", False) and args.streaming:
-        raise ValueError(
-            "--cache_latents needs a map-style dataset (rows with stable indices across epochs); drop --streaming, "
-            "or drop --cache_latents."
-        )
-    if args.streaming and args.max_train_steps is None:
-        raise ValueError("--streaming needs --max_train_steps (the length of a streamed dataset is unknown).")
-    if args.ref_update_mode == "ema" and args.ref_update_steps == 0:
-        raise ValueError(
-            "--ref_update_mode ema has no effect with --ref_update_steps 0 (the reference stays the base model);"
-            " set --ref_update_steps N to update the reference every N steps."
-        )
-
-    reward_models = [m.strip() for m in args.reward_models.split(",") if m.strip()] if args.reward_models else []
-    if args.precomputed_consensus:
-        # The label was decided offline by `rewards.py label`: live consensus options would be silently ignored.
-        if args.consensus != "majority" or args.human_vote:
-            raise ValueError(
-                "--precomputed_consensus reads the labels written by `rewards.py label`, so --consensus and"
-                " --human_vote have no effect: pass them to `rewards.py label` instead, or drop"
-                " --precomputed_consensus to label live."
-            )
-        scored_metrics = []
-    else:
-        import rewards
-
-        known = set(rewards.available_scorers())
-        for metric in reward_models:
-            if metric not in known and ":" not in metric:
-                raise ValueError(
-                    f"Unknown metric {metric!r} in --reward_models; available: {', '.join(sorted(known))}"
-                    " (or a user scorer given as package.module:Class)."
-                )
-        scored_metrics = parse_consensus_mode(args.consensus, reward_models)
-    if args.human_vote and args.label_0_column is None:
-        raise ValueError("--human_vote needs the human label column (--label_0_column).")
-    if (args.consensus == "human" or args.tie_policy == "human") and args.label_0_column is None:
-        raise ValueError(f"--consensus {args.consensus} / --tie_policy {args.tie_policy} need --label_0_column.")
-    if args.reward_config is not None and not os.path.isfile(args.reward_config):
-        raise ValueError(
-            f"--reward_config {args.reward_config!r} does not exist (write one with `rewards.py calibrate`)."
-        )
-    if args.validation_prompts is None and args.score_validation:
-        raise ValueError("--score_validation needs --validation_prompts.")
-    if args.resume_from_checkpoint not in (None, "latest"):
-        resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if args.report_to in ("wandb", "all") and args.hub_token is not None:
-        # As in diffusers' examples: a wandb run stores its command line and config.
-        raise ValueError(
-            "You cannot use --report_to wandb together with --hub_token: the token would be stored in the wandb run."
-            " Log in with `hf auth login` (or set HF_TOKEN) and drop --hub_token."
-        )
-    if args.push_to_hub:
-        check_hub_credentials(args.hub_token)
-    if args.report_to in ("wandb", "all"):
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ValueError("--report_to wandb needs `pip install wandb`.") from None
-    if family is not None:
-        family.validate_args(args)
-    return RunPlan(
-        reward_models=reward_models,
-        scored_metrics=scored_metrics,
-        dynamic_reference=args.ref_update_steps > 0,
-        max_bad_examples=preference_data.parse_max_bad_examples(args.max_bad_examples),
-    )
-
-
-def check_hub_credentials(hub_token=None):
-    """Fails fast when `--push_to_hub` cannot authenticate, instead of after hours of training."""
-    from huggingface_hub import get_token
-
-    if hub_token is None and get_token() is None:
-        raise ValueError(
-            "--push_to_hub needs Hub credentials: run `hf auth login` (or set HF_TOKEN), or pass --hub_token."
-        )
-
-
-# Argument names that hold credentials: never written to a tracker, a file or an upload.
-_SECRET_ARGUMENT = re.compile(r"(token|secret|password|api_key)", re.IGNORECASE)
-
-
-def tracker_config(args):
-    """The run's arguments for the trackers (TensorBoard's hparams, a wandb config), without any credential."""
-    return {
-        key: value
-        for key, value in vars(args).items()
-        if isinstance(value, (int, float, str, bool)) and not _SECRET_ARGUMENT.search(key)
-    }
-
-
-def upload_ignore_patterns(args):
-    """What `--push_to_hub` leaves out of the upload: checkpoints and the tracker logs (wherever --logging_dir is)."""
-    patterns = ["checkpoint-*", ".checkpoint-*", "checkpoint-*/**", ".checkpoint-*/**"]
-    logging_dir = os.path.normpath(os.path.join(args.output_dir, args.logging_dir))
-    relative = os.path.relpath(logging_dir, os.path.normpath(args.output_dir))
-    if relative != "." and not relative.startswith(".."):
-        relative = Path(relative).as_posix()
-        patterns += [relative, f"{relative}/*", f"{relative}/**"]
-    return patterns
-
-
-def read_validation_prompts(value):
-    """`--validation_prompts` takes prompts or a single path to a text file with one prompt per line."""
-    if not value:
-        return []
-    if len(value) == 1 and os.path.isfile(value[0]):
-        with open(value[0], encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    return list(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -778,306 +325,6 @@ class StepMetrics:
         if step > 0:
             logs["scoring_time_share"] = scoring / step
         return logs
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-COMPLETE_MARKER = "checkpoint_complete"
-
-
-def list_checkpoints(output_dir):
-    """Complete `checkpoint-N` folders, oldest first (partial or temporary folders are never listed)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = _CHECKPOINT_RE.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, COMPLETE_MARKER)):
-            found.append((int(match.group(1)), name))
-    return [name for _, name in sorted(found)]
-
-
-def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
-    """The checkpoint folder to resume from, `None` to start fresh, or a clear error."""
-    if not resume_from_checkpoint:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return os.path.join(output_dir, checkpoints[-1]) if checkpoints else None
-    path = resume_from_checkpoint
-    if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
-        path = os.path.join(output_dir, path)
-    if not os.path.isdir(path):
-        raise ValueError(
-            f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist. Pass a `checkpoint-N` folder"
-            f" (absolute, or inside --output_dir {output_dir!r}) or `latest`."
-        )
-    if not os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
-        raise ValueError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} file); pick an older one.")
-    return path
-
-
-def save_checkpoint(accelerator, output_dir, global_step, total_limit=None, logger=None):
-    """Writes `checkpoint-<global_step>` atomically, then prunes old ones to respect `total_limit`.
-
-    Everything is written to `.checkpoint-N.tmp` first and renamed when complete, so a crash or a full disk
-    leaves the previous checkpoints valid and `latest` never resolves to a partial folder. Old checkpoints are
-    removed only after the new one is complete. Call on every process (accelerate gathers state collectively).
-    """
-    final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
-    tmp_path = os.path.join(output_dir, f".checkpoint-{global_step}.tmp")
-    if accelerator.is_main_process and os.path.exists(tmp_path):
-        shutil.rmtree(tmp_path)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp_path)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp_path, COMPLETE_MARKER), "w") as f:
-            f.write(f"{global_step}\n")
-        if os.path.exists(final_path):
-            shutil.rmtree(final_path)
-        os.replace(tmp_path, final_path)
-        if total_limit is not None:
-            checkpoints = list_checkpoints(output_dir)
-            for name in checkpoints[: max(0, len(checkpoints) - total_limit)]:
-                shutil.rmtree(os.path.join(output_dir, name))
-                if logger is not None:
-                    logger.info(f"Removed old checkpoint {name} (--checkpoints_total_limit {total_limit})")
-        if logger is not None:
-            logger.info(f"Saved state to {final_path}")
-    accelerator.wait_for_everyone()
-    return final_path
-
-
-def check_finite_lora(state_dict, what="The LoRA"):
-    """Refuses to write LoRA weights with NaN or inf values (they would load and produce black images)."""
-    bad_keys = [key for key, value in state_dict.items() if not torch.isfinite(value).all()]
-    if bad_keys:
-        raise RuntimeError(
-            f"{what} has non-finite values ({', '.join(bad_keys[:3])}{', ...' if len(bad_keys) > 3 else ''}); it was"
-            " not written. Earlier checkpoints are intact: resume from one with a lower --learning_rate or --beta_dpo."
-        )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The small state a resumed run needs besides the adapters and the optimizer (no pickle: JSON and safetensors)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _flatten(state, prefix=""):
-    scalars, tensors = {}, {}
-    for key, value in state.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and not value:
-            scalars[name] = {}  # kept explicitly: an empty dict has no leaves to rebuild it from
-        elif isinstance(value, dict):
-            sub_scalars, sub_tensors = _flatten(value, prefix=f"{name}/")
-            scalars.update(sub_scalars)
-            tensors.update(sub_tensors)
-        elif isinstance(value, torch.Tensor):
-            tensors[name] = value.detach().cpu().contiguous()
-        else:
-            scalars[name] = value
-    return scalars, tensors
-
-
-def _unflatten(flat):
-    state = {}
-    for name, value in flat.items():
-        node = state
-        *parents, leaf = name.split("/")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return state
-
-
-def save_training_state(directory, state, name="training_state"):
-    """Writes a nested dict of scalars and tensors as `<name>.json` + `<name>.safetensors`."""
-    from safetensors.torch import save_file
-
-    scalars, tensors = _flatten(state)
-    with open(os.path.join(directory, f"{name}.json"), "w") as f:
-        json.dump(scalars, f, indent=1, sort_keys=True)
-    if tensors:
-        save_file(tensors, os.path.join(directory, f"{name}.safetensors"))
-
-
-def load_training_state(directory, name="training_state"):
-    from safetensors.torch import load_file
-
-    with open(os.path.join(directory, f"{name}.json")) as f:
-        flat = json.load(f)
-    tensor_path = os.path.join(directory, f"{name}.safetensors")
-    if os.path.isfile(tensor_path):
-        flat.update(load_file(tensor_path))
-    return _unflatten(flat)
-
-
-class TrainingProgress:
-    """Where the run is: optimizer steps done, epoch, and batches consumed in that epoch (for exact resumes)."""
-
-    def __init__(self):
-        self.global_step = 0
-        self.epoch = 0
-        self.batches_in_epoch = 0
-        self.nonfinite_steps = 0  # optimizer steps in a row skipped for a non-finite loss or gradient
-        self.skipped_steps = 0  # all optimizer steps skipped so far (non-finite, or fp16 overflow)
-
-    def state_dict(self):
-        return dict(vars(self))
-
-    def load_state_dict(self, state):
-        for key, value in state.items():
-            if hasattr(self, key):
-                setattr(self, key, int(value))
-
-
-def generator_state_name(process_index):
-    return f"training_generator_{process_index}.safetensors"
-
-
-class RunState:
-    """Everything besides the adapters and the optimizer that a resumed run needs to continue identically: the
-    progress, the bad-row counts, this process's noise generator and the consensus labeler's state.
-
-    `snapshot()` / `restore()` return the run to the start of an optimizer step: a signal that arrives between two
-    micro-batches abandons the partial step, and the checkpoint then written resumes exactly.
-    """
-
-    def __init__(self, progress, bad_examples, generator, labeler=None, process_index=0):
-        self.progress = progress
-        self.bad_examples = bad_examples
-        self.generator = generator
-        self.labeler = labeler
-        self.process_index = process_index
-
-    def state_dict(self):
-        state = {
-            "progress": self.progress.state_dict(),
-            "bad_examples": self.bad_examples.state_dict(),
-            "generator": self.generator.get_state(),
-        }
-        if self.labeler is not None:
-            state["consensus"] = self.labeler.state_dict()
-        return state
-
-    def load_state_dict(self, state):
-        self.progress.load_state_dict(state["progress"])
-        self.bad_examples.load_state_dict(state.get("bad_examples", {}))
-        self.generator.set_state(state["generator"])
-        if self.labeler is not None and "consensus" in state:
-            self.labeler.load_state_dict(state["consensus"])
-
-    def snapshot(self):
-        import copy
-
-        return copy.deepcopy(self.state_dict())
-
-    def restore(self, snapshot):
-        self.load_state_dict(snapshot)
-
-    def save(self, directory):
-        """Every process saves its own generator (they are seeded differently); the main process the rest."""
-        from safetensors.torch import save_file
-
-        save_file(
-            {"state": self.generator.get_state()}, os.path.join(directory, generator_state_name(self.process_index))
-        )
-        if self.process_index == 0:
-            save_training_state(directory, self.state_dict())
-
-    def load(self, directory):
-        from safetensors.torch import load_file
-
-        self.load_state_dict(load_training_state(directory))
-        path = os.path.join(directory, generator_state_name(self.process_index))
-        if os.path.isfile(path):
-            self.generator.set_state(load_file(path)["state"])
-
-
-def training_generator(accelerator, seed):
-    """The generator for the training noise, timesteps and VAE samples of this process.
-
-    A dedicated generator (saved in every checkpoint) rather than the global RNG: DataLoader iterators, validation
-    and third-party code draw from the global RNG at times that differ between an interrupted and an uninterrupted
-    run, which would make a resumed run diverge.
-    """
-    generator = torch.Generator(device=accelerator.device)
-    generator.manual_seed((seed if seed is not None else torch.initial_seed()) + 1000003 * accelerator.process_index)
-    return generator
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Signals and bad rows, agreed by every process
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class GracefulStop:
-    """SIGTERM / SIGINT (preemption, Ctrl-C, `scancel`): stop at the next micro-batch, save a checkpoint, exit.
-
-    The handler only sets a flag; the loop reads it between any two micro-batches, agreed by all processes (a signal
-    may reach only some of them, and a process that went on alone would hang the others in their next collective).
-    Further signals while stopping are ignored: launchers such as torchrun forward the signal that the scheduler also
-    sends to every process, and a second one must not abort the checkpoint. Use as a context manager so the previous
-    handlers come back.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-
-    def __enter__(self):
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-        return False
-
-    @property
-    def requested_here(self):
-        return self.signum is not None
-
-
-def ignore_stop_signals(worker_id=None):
-    """`worker_init_fn` of the DataLoaders: workers leave SIGTERM/SIGINT to the main process.
-
-    Schedulers (and Ctrl-C in a terminal) signal every process of a job. A DataLoader worker killed by the signal
-    makes PyTorch raise in the main process at once, before it could save its checkpoint; the main process shuts its
-    workers down itself when it exits.
-    """
-    for sig in GracefulStop.SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def record_bad_examples(accelerator, tracker, batch):
-    """Counts and logs the bad rows of this micro-batch on every process, then applies `--max_bad_examples`.
-
-    The rows of all processes are gathered first, so each bad row is logged once with its row id whichever process
-    read it, the counts (logged and saved in checkpoints) are those of the whole run, and every process takes the
-    same stop decision: one process stopping alone would leave the others waiting for it forever.
-    """
-    bad, num_rows, num_skipped = list(batch["bad_examples"]), int(batch["num_rows"]), int(batch["skipped_examples"])
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        gathered = gather_object([(bad, num_rows, num_skipped)])
-        bad = [item for part in gathered for item in part[0]]
-        num_rows = sum(part[1] for part in gathered)
-        num_skipped = sum(part[2] for part in gathered)
-    tracker.update(bad, num_seen=num_rows, num_skipped=num_skipped)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1242,16 +489,10 @@ def make_labeler(args, scorer_set):
         return None
     import rewards
 
-    return rewards.ConsensusLabeler(
-        mode=args.consensus,
-        temperatures=scorer_set.temperatures if scorer_set is not None else None,
-        weights=scorer_set.weights if scorer_set is not None else None,
-        abstain_margin=args.abstain_margin,
-        tie_policy=args.tie_policy,
-        min_agreement=args.min_agreement,
-        human_vote=args.human_vote,
-        seed=args.seed if args.seed is not None else 0,
-        normalize_warmup_pairs=args.normalize_warmup_pairs,
+    return rewards.ConsensusLabeler.from_args(
+        args,
+        scorer_set.temperatures if scorer_set is not None else None,
+        scorer_set.weights if scorer_set is not None else None,
     )
 
 
@@ -1371,6 +612,8 @@ class DPOTrainer:
         """Starts the live scoring of the batch's pairs (asynchronous on CUDA): see `--no_score_ahead`."""
         if self.args.precomputed_consensus or not self.plan.scored_metrics or batch["batch_size"] == 0:
             return
+        if batch.get("online"):
+            return
         batch["pending_scores"] = self.scorer_set.score_pairs_async(batch["scorer_inputs"], list(batch["captions"]))
 
     def consensus(self, batch):
@@ -1379,6 +622,10 @@ class DPOTrainer:
         `metrics.scoring_seconds`."""
         args = self.args
         human = batch["label_0"].float().cpu() if args.label_0_column is not None else None
+        if batch.get("online"):
+            # Online pairs were labelled when their round was generated (online.OnlineRounds).
+            keep = torch.ones(batch["batch_size"], dtype=torch.bool)
+            return PairLabels(batch["consensus_label"].float().cpu(), batch["consensus_prob"].float().cpu(), keep, {})
         if args.precomputed_consensus:
             if batch["batch_size"] == 0:
                 empty = torch.zeros(0)
@@ -1417,6 +664,9 @@ class DPOTrainer:
         def take(key):
             return batch[key][index.to(batch[key].device)]
 
+        if "latents_0" in batch:  # generated pairs: the sampled latents are the training latents
+            latents = balanced_dpo.order_by_label(take("latents_0"), take("latents_1"), label)
+            return latents.to(self.accelerator.device, dtype=self.family.weight_dtype)
         pixels = balanced_dpo.order_by_label(take("pixel_values_0"), take("pixel_values_1"), label)
         pixels = pixels.to(self.accelerator.device, dtype=vae.dtype)
         batch_size = self.args.vae_encode_batch_size
@@ -1623,11 +873,17 @@ def save_model_card(args, family, repo_id, images=None, validation_scores=None, 
             scores_str += f"| {metric} | {base:.4f} | {lora:.4f} |\n"
     consensus = "precomputed (`rewards.py label`)" if args.precomputed_consensus else args.consensus
     metrics = args.reward_models if not args.precomputed_consensus else "from the dataset"
+    data = args.dataset_name or args.train_data_dir
+    if args.online_prompts:
+        data = (
+            f"pairs the policy generated online from the prompts `{args.online_prompts}` ({args.online_images_per_prompt}"
+            f" images per prompt, `{args.online_pair_selection}` pairs)"
+        )
     model_description = f"""
 # BalancedDPO LoRA - {repo_id}
 
 LoRA weights for **{args.pretrained_model_name_or_path}**, trained with BalancedDPO (Diffusion-DPO with a
-multi-metric consensus label) on **{args.dataset_name or args.train_data_dir}** at {args.resolution} px.
+multi-metric consensus label) on **{data}** at {args.resolution} px.
 
 - consensus: `{consensus}`, metrics: `{metrics}`,
   tie policy `{args.tie_policy}`, abstain margin {args.abstain_margin}, min agreement {args.min_agreement},
@@ -1789,6 +1045,33 @@ def make_dataloader(args, pairs, family, accelerator):
     )
 
 
+def load_training_data(args, accelerator):
+    """The preference dataset, its columns checked (before any model is loaded: a wrong name fails in seconds)."""
+    with accelerator.main_process_first():
+        train_dataset = preference_data.load_preference_dataset(
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            train_data_dir=args.train_data_dir,
+            split=args.dataset_split_name,
+            streaming=args.streaming,
+            cache_dir=args.cache_dir,
+            shuffle_seed=args.seed,
+            max_train_samples=args.max_train_samples,
+        )
+    preference_data.check_columns(
+        train_dataset,
+        args.caption_column,
+        args.image_0_column,
+        args.image_1_column,
+        label_0_column=args.label_0_column,
+        require_label=args.consensus == "human" or args.human_vote or args.drop_human_ties,
+        extra_columns=PRECOMPUTED_COLUMNS if args.precomputed_consensus else (),
+    )
+    if not args.streaming and len(train_dataset) == 0:
+        raise preference_data.DataError(f"The dataset {args.dataset_name or args.train_data_dir} has no rows.")
+    return train_dataset
+
+
 def add_lora(args, plan, family, accelerator):
     """Adds the LoRA adapters to the family's denoiser: the policy and, for a dynamic reference, the reference (both
     float32). Returns (trainable parameters, the adapter config saved with the LoRA)."""
@@ -1877,28 +1160,21 @@ def train(args, family_class):
             ).repo_id
 
     # 2. Data first: a wrong column name must fail before any model is loaded.
-    with accelerator.main_process_first():
-        train_dataset = preference_data.load_preference_dataset(
-            dataset_name=args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            train_data_dir=args.train_data_dir,
-            split=args.dataset_split_name,
-            streaming=args.streaming,
+    train_dataset = None
+    if plan.online:
+        prompts, prompt_info = preference_data.load_prompts(
+            args.online_prompts,
+            args.online_prompt_column,
+            args.online_prompt_split,
+            args.online_max_prompts,
             cache_dir=args.cache_dir,
-            shuffle_seed=args.seed,
-            max_train_samples=args.max_train_samples,
         )
-    preference_data.check_columns(
-        train_dataset,
-        args.caption_column,
-        args.image_0_column,
-        args.image_1_column,
-        label_0_column=args.label_0_column,
-        require_label=args.consensus == "human" or args.human_vote or args.drop_human_ties,
-        extra_columns=PRECOMPUTED_COLUMNS if args.precomputed_consensus else (),
-    )
-    if not args.streaming and len(train_dataset) == 0:
-        raise preference_data.DataError(f"The dataset {args.dataset_name or args.train_data_dir} has no rows.")
+        logger.info(
+            f"Online pairs from {len(prompts)} prompts of {prompt_info['source']}"
+            f" ({prompt_info.get('skipped', 0)} empty or undecodable prompts skipped)."
+        )
+    else:
+        train_dataset = load_training_data(args, accelerator)
 
     # 3. Models, frozen, and the LoRA adapters (policy and, for a dynamic reference, the reference; both float32).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -1921,8 +1197,15 @@ def train(args, family_class):
     family.prepare(train_dataset, args.streaming)
 
     # 5. Data pipeline: decoding, joint augmentation, scorer preprocessing and tokenization run in the workers.
-    pairs = make_pair_dataset(args, plan, train_dataset, scorer_set, accelerator)
-    train_dataloader = make_dataloader(args, pairs, family, accelerator)
+    # Online, each round's pairs are generated by the policy instead (online.OnlineRounds).
+    pairs = train_dataloader = rounds = None
+    if plan.online:
+        import online
+
+        rounds = online.OnlineRounds(args, plan, accelerator, family, scorer_set, labeler, prompts)
+    else:
+        pairs = make_pair_dataset(args, plan, train_dataset, scorer_set, accelerator)
+        train_dataloader = make_dataloader(args, pairs, family, accelerator)
 
     # 6. Optimizer and schedule.
     if args.scale_lr:
@@ -1930,7 +1213,7 @@ def train(args, family_class):
             args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
         )
     optimizer = make_optimizer(args, params_to_optimize)
-    if not args.streaming:
+    if train_dataloader is not None and not args.streaming:
         batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
         num_update_steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
         if args.max_train_steps is None:
@@ -1943,14 +1226,15 @@ def train(args, family_class):
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
-    if args.streaming:
-        # Streaming pairs shard themselves across processes; accelerate would read every row on every rank.
+    if args.streaming or plan.online:
+        # Streaming pairs shard themselves across processes (accelerate would read every row on every rank), and
+        # online pairs are each process's own.
         optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     else:
         optimizer, train_dataloader, lr_scheduler = accelerator.prepare(optimizer, train_dataloader, lr_scheduler)
         num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    latent_cache = make_latent_cache(args, family.vae, pairs, accelerator.num_processes)
+    latent_cache = None if plan.online else make_latent_cache(args, family.vae, pairs, accelerator.num_processes)
     trainer = DPOTrainer(
         args=args,
         plan=plan,
@@ -1979,6 +1263,8 @@ def train(args, family_class):
                     family.denoiser, output_dir, family.denoiser_name, family.lora_in_diffusers_format
                 )
         run_state.save(output_dir)
+        if rounds is not None:
+            rounds.save(output_dir)
         while weights:
             weights.pop()
 
@@ -1994,6 +1280,8 @@ def train(args, family_class):
         balanced_dpo.cast_lora_to_float32(family.denoiser)
         balanced_dpo.freeze_all_but_policy(family.denoiser)
         run_state.load(input_dir)
+        if rounds is not None:
+            rounds.load(input_dir)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -2041,16 +1329,28 @@ def train(args, family_class):
     # 9. The loop: micro-batches grouped into optimizer steps, a stop signal honoured between any two of them.
     with graceful_stop:
         while progress.global_step < args.max_train_steps and not interrupted:
-            pairs.set_epoch(progress.epoch)
-            if hasattr(train_dataloader, "set_epoch"):
-                train_dataloader.set_epoch(progress.epoch)
-            epoch_loader = train_dataloader
             from_epoch_start = progress.batches_in_epoch == 0
-            if not from_epoch_start and not args.streaming:
-                epoch_loader = accelerator.skip_first_batches(train_dataloader, progress.batches_in_epoch)
-            elif not from_epoch_start:
-                # Skips the rows already trained on without decoding them; the batch order stays the same.
-                pairs.skip_batches(progress.batches_in_epoch, args.train_batch_size)
+            if plan.online:
+                # An epoch is a round: generated now, or restored with the checkpoint that was taken during it.
+                if from_epoch_start or rounds.round_index != progress.epoch:
+                    round_logs = rounds.generate(
+                        progress.epoch, lambda: _agree(accelerator, graceful_stop.requested_here)[0]
+                    )
+                    if round_logs is None:
+                        interrupted = True
+                        break
+                    report_round(args, accelerator, progress, round_logs)
+                epoch_loader = rounds.batches(progress.batches_in_epoch)
+            else:
+                pairs.set_epoch(progress.epoch)
+                if hasattr(train_dataloader, "set_epoch"):
+                    train_dataloader.set_epoch(progress.epoch)
+                epoch_loader = train_dataloader
+                if not from_epoch_start and not args.streaming:
+                    epoch_loader = accelerator.skip_first_batches(train_dataloader, progress.batches_in_epoch)
+                elif not from_epoch_start:
+                    # Skips the rows already trained on without decoding them; the batch order stays the same.
+                    pairs.skip_batches(progress.batches_in_epoch, args.train_batch_size)
             rows_in_epoch, kept_in_epoch = 0, 0
             step_start = run_state.snapshot()
             try:
@@ -2083,7 +1383,7 @@ def train(args, family_class):
                         progress.global_step += 1
                         progress_bar.update(1)
                         report_step(args, accelerator, trainer, progress, bad_examples, outcome, progress_bar)
-                        if plan.dynamic_reference and progress.global_step % args.ref_update_steps == 0:
+                        if args.ref_update_steps > 0 and progress.global_step % args.ref_update_steps == 0:
                             balanced_dpo.update_reference_adapter(
                                 family.denoiser, args.ref_update_mode, args.ref_ema_decay
                             )
@@ -2105,10 +1405,15 @@ def train(args, family_class):
                         break
                 else:
                     # The epoch is over: every batch of it was read.
-                    if from_epoch_start and rows_in_epoch == 0:
+                    if from_epoch_start and rows_in_epoch == 0 and not plan.online:
                         raise RunStopped("The training data yielded no pairs in a whole epoch.")
-                    if from_epoch_start and kept_in_epoch == 0:
+                    if from_epoch_start and kept_in_epoch == 0 and not plan.online:
                         raise RunStopped(dropped_pairs_message(args, rows_in_epoch, drops_in_a_row, "a whole epoch"))
+                    if plan.online and args.online_ref_update == "round":
+                        # Iterative DPO: the next round is judged against the policy that generated this one.
+                        balanced_dpo.update_reference_adapter(
+                            family.denoiser, args.ref_update_mode, args.ref_ema_decay
+                        )
                     progress.epoch += 1
                     progress.batches_in_epoch = 0
             except (RunStopped, preference_data.DataError):
@@ -2176,6 +1481,23 @@ def train(args, family_class):
             )
     accelerator.end_training()
     return lora_path
+
+
+def report_round(args, accelerator, progress, logs):
+    """Logs an online round; stops when it kept no pair at all."""
+    logger.info(
+        f"Online round {int(logs['online/round'])}: {int(logs['online/images'])} images in"
+        f" {logs['online/generation_seconds']:.1f}s, {int(logs['online/pairs'])} pairs kept"
+        f" ({logs['online/dropped_share']:.1%} of the selected ones dropped)"
+    )
+    accelerator.log(logs, step=progress.global_step)
+    if logs["online/pairs"] == 0:
+        drops = {k[len("online/dropped/") :]: int(v) for k, v in logs.items() if k.startswith("online/dropped/")}
+        raise RunStopped(
+            dropped_pairs_message(
+                args, int(logs["online/selected"]), drops, f"online round {int(logs['online/round'])}"
+            )
+        )
 
 
 def report_step(args, accelerator, trainer, progress, bad_examples, outcome, progress_bar):

@@ -67,8 +67,10 @@ import torch  # noqa: E402
 import balanced_dpo  # noqa: E402
 import preference_data  # noqa: E402
 import rewards  # noqa: E402
+import run_state  # noqa: E402
 import tiny_assets  # noqa: E402
 import training  # noqa: E402
+import training_args  # noqa: E402
 
 
 # live_plain: live scoring as a plain implementation does it (eager forwards, each batch scored when it is
@@ -534,7 +536,9 @@ class Pipeline:
         return self.family.weight_dtype
 
 
-def training_args(family_class, spec, resolution, mode, pairs, gradient_checkpointing, options, reward_config=None):
+def configuration_args(
+    family_class, spec, resolution, mode, pairs, gradient_checkpointing, options, reward_config=None
+):
     """The training script's own argument namespace for one configuration (its defaults for everything else)."""
     argv = [
         "--pretrained_model_name_or_path", "benchmark",
@@ -564,8 +568,8 @@ def training_args(family_class, spec, resolution, mode, pairs, gradient_checkpoi
             argv += ["--no_scorer_cuda_graphs", "--no_score_ahead"]
         if reward_config is not None:
             argv += ["--reward_config", reward_config]
-    args = training.parse_args(family_class, argv)
-    return args, training.validate_args(args, family_class)
+    args = training_args.parse_args(family_class, argv)
+    return args, training_args.validate_args(args, family_class)
 
 
 def _cast_models(pipeline_parts, device, weight_dtype, vae_dtype):
@@ -766,7 +770,7 @@ def build_pipeline(name, options, accelerator, device, workdir):
             )
 
     # What the family's from_pretrained and training.train do with the models, in the same order.
-    args, plan = training_args(family_class, spec, resolution, "human", 1, False, options)
+    args, plan = configuration_args(family_class, spec, resolution, "human", 1, False, options)
     vae_dtype = weight_dtype
     if spec.sdxl and args.pretrained_vae_model_name_or_path is None:
         vae_dtype = torch.float32  # the stock SDXL VAE overflows in fp16: the script keeps it in fp32
@@ -972,7 +976,7 @@ def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpoin
         "warmup_steps": warmup_steps,
         "steps": steps,
     }
-    args, plan = training_args(
+    args, plan = configuration_args(
         pipeline.family_class,
         spec,
         pipeline.resolution,
@@ -1006,7 +1010,7 @@ def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpoin
         params=pipeline.params_to_optimize,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        generator=training.training_generator(pipeline.accelerator, options.seed),
+        generator=run_state.training_generator(pipeline.accelerator, options.seed),
         scorer_set=pipeline.scorer_set,
         labeler=training.make_labeler(args, pipeline.scorer_set),
     )
@@ -1016,7 +1020,7 @@ def run_configuration(pipeline, options, device, mode, pairs, gradient_checkpoin
     micro_batches = training.micro_batches(
         (dict(batch) for _ in range(warmup_steps + steps + 1)),
         trainer,
-        training.GracefulStop(),  # never entered: no signal handling here
+        run_state.GracefulStop(),  # never entered: no signal handling here
         score_ahead=not args.no_score_ahead and bool(plan.scored_metrics),
     )
     try:

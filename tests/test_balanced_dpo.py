@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import balanced_dpo
+import run_state
 import training
 
 
@@ -348,14 +349,14 @@ def test_checkpoint_listing_ignores_partial_folders(tmp_path):
     for name, complete in (("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-12", False), (".checkpoint-14.tmp", True)):  # fmt: skip
         os.makedirs(tmp_path / name)
         if complete:
-            (tmp_path / name / training.COMPLETE_MARKER).write_text("x")
-    assert training.list_checkpoints(str(tmp_path)) == ["checkpoint-2", "checkpoint-10"]
-    assert training.resolve_resume_checkpoint(str(tmp_path), "latest").endswith("checkpoint-10")
+            (tmp_path / name / run_state.COMPLETE_MARKER).write_text("x")
+    assert run_state.list_checkpoints(str(tmp_path)) == ["checkpoint-2", "checkpoint-10"]
+    assert run_state.resolve_resume_checkpoint(str(tmp_path), "latest").endswith("checkpoint-10")
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        training.resolve_resume_checkpoint(str(tmp_path), "checkpoint-12")
+        run_state.resolve_resume_checkpoint(str(tmp_path), "checkpoint-12")
     with pytest.raises(ValueError, match="does not exist"):
-        training.resolve_resume_checkpoint(str(tmp_path), "checkpoint-99")
-    assert training.resolve_resume_checkpoint(str(tmp_path / "empty"), "latest") is None
+        run_state.resolve_resume_checkpoint(str(tmp_path), "checkpoint-99")
+    assert run_state.resolve_resume_checkpoint(str(tmp_path / "empty"), "latest") is None
 
 
 def test_training_state_round_trip(tmp_path):
@@ -363,8 +364,8 @@ def test_training_state_round_trip(tmp_path):
         "progress": {"global_step": 3, "epoch": 1},
         "consensus": {"generator": torch.arange(5, dtype=torch.uint8), "n": 2.5, "counts": {}},
     }
-    training.save_training_state(str(tmp_path), state)
-    loaded = training.load_training_state(str(tmp_path))
+    run_state.save_training_state(str(tmp_path), state)
+    loaded = run_state.load_training_state(str(tmp_path))
     assert loaded["progress"] == {"global_step": 3, "epoch": 1}
     assert torch.equal(loaded["consensus"]["generator"], state["consensus"]["generator"])
     assert loaded["consensus"]["n"] == 2.5

@@ -58,6 +58,20 @@ def test_win_rates_and_intervals(interval):
     assert 0.0 <= average["ci_low"] <= average["win_rate"] <= average["ci_high"] <= 1.0
 
 
+def test_joint_win_rate_equals_a_hand_count():
+    metrics = ["m1", "m2", "m3"]
+    # Prompt 0: A wins all; 1: A wins two, ties one; 2: B wins all; 3: mixed; 4: A wins all.
+    scores_a = {"m1": [2, 2, 0, 2, 5], "m2": [2, 2, 0, 0, 5], "m3": [2, 1, 0, 2, 5]}
+    scores_b = {"m1": [1, 1, 1, 1, 1], "m2": [1, 1, 1, 1, 1], "m3": [1, 1, 1, 1, 1]}
+    joint = ev.compute_joint_win_rates(metrics, scores_a, scores_b, num_samples=2000)
+    assert joint["a"]["prompts"] == 2 and joint["a"]["rate"] == pytest.approx(2 / 5)
+    assert joint["b"]["prompts"] == 1 and joint["b"]["rate"] == pytest.approx(1 / 5)
+    assert joint["a"]["ci_low"] <= 0.4 <= joint["a"]["ci_high"] and 0 <= joint["b"]["ci_low"] <= 0.2
+    # Swapping the models swaps the sides.
+    swapped = ev.compute_joint_win_rates(metrics, scores_b, scores_a, num_samples=2000)
+    assert swapped["a"]["prompts"] == 1 and swapped["b"]["prompts"] == 2
+
+
 @pytest.mark.parametrize("p_hat,n", [(0.0, 1), (1.0, 1), (0.5, 3), (0.9, 10), (0.03, 500), (1.0, 500)])
 def test_wilson_interval_bounds(p_hat, n):
     low, high = ev.wilson_interval(p_hat, n)
@@ -179,7 +193,16 @@ def _check_results(results, output_dir, metrics, num_prompts):
     on_disk = json.loads((output_dir / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert on_disk["metrics"] == metrics and on_disk["num_prompts"] == num_prompts
-    for key in ("model_a", "model_b", "prompts", "generation", "interval", "win_rate", "average_win_rate"):
+    for key in (
+        "model_a",
+        "model_b",
+        "prompts",
+        "generation",
+        "interval",
+        "win_rate",
+        "average_win_rate",
+        "joint_win_rate",
+    ):
         assert key in on_disk
     assert on_disk["generation"]["seed"] == 0 and on_disk["interval"]["confidence"] == 0.95
     for metric in metrics:
@@ -321,7 +344,10 @@ def test_synthetic_experiment_quick(tmp_path):
         os.path.join(ROOT, "examples", "synthetic_experiment.py"),
         "--quick",
         "--modes",
-        "majority,single:brightness",
+        "majority",
+        "--online",
+        "--online_modes",
+        "majority",
         "--output_dir",
         str(output_dir),
         "--num_threads",
@@ -331,21 +357,22 @@ def test_synthetic_experiment_quick(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     summary = json.loads((output_dir / "results.json").read_text())["summary"]
-    assert list(summary) == ["majority", "single:brightness"]
+    assert list(summary) == ["majority", "online:majority"]
     for row in summary.values():
         assert set(row["metrics"]) == {"brightness", "colorfulness", "centering"}
-        for rate, low, high in list(row["metrics"].values()) + [row["average"]]:
+        for rate, low, high in list(row["metrics"].values()) + [row["average"], row["joint"], row["joint_base"]]:
             assert 0.0 <= low <= rate <= high <= 1.0
     for name in ("results.md", "win_rates.png", "base_samples.png", "pairs/data/train-00000-of-00001.parquet"):
         assert (output_dir / name).is_file(), name
-    assert (output_dir / "loras" / "single-brightness" / "pytorch_lora_weights.safetensors").is_file()
+    assert (output_dir / "loras" / "online-majority" / "pytorch_lora_weights.safetensors").is_file()
     assert "| `majority` |" in (output_dir / "results.md").read_text()
+    assert "joint: LoRA wins all" in (output_dir / "results.md").read_text()
     # Every LoRA was evaluated against the same base images (same prompts and seeds).
     base_scores = [
         [
             json.loads(line)["scores_b"]
             for line in (output_dir / "eval" / mode / "scores.jsonl").read_text().splitlines()
         ]
-        for mode in ("majority", "single-brightness")
+        for mode in ("majority", "online-majority")
     ]
     assert base_scores[0] == base_scores[1]

@@ -775,3 +775,14 @@ def test_tracker_state_round_trip():
     restored.update([(3, "x"), (4, "y"), (5, "z")], num_seen=3)
     with pytest.raises(pd.DataError, match="6 bad rows"):
         restored.update([(6, "w")], num_seen=1)
+
+
+def test_prompts_skip_and_count_empty_and_undecodable_ones(tmp_path):
+    text = tmp_path / "prompts.txt"
+    text.write_bytes(b"a red circle\n\n   \nbad \xff\xfe bytes\na blue square\n")
+    prompts, info = pd.load_prompts(str(text))
+    assert prompts == ["a red circle", "a blue square"] and info["skipped"] == 3
+    listing = tmp_path / "prompts.json"
+    listing.write_text('[{"prompt": "x"}, {"prompt": ""}, {"prompt": null}, {"prompt": " y "}]')
+    prompts, info = pd.load_prompts(str(listing))
+    assert prompts == ["x", "y"] and info["skipped"] == 2

@@ -29,6 +29,7 @@ from PIL import Image
 
 import rewards
 import tiny_assets
+from multi_metric import cuda_graphs, scoring
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +97,12 @@ def _batch_size(args, kwargs):
 
 def test_available_scorers_lists_builtins():
     assert set(ALL_METRICS) <= set(rewards.available_scorers())
+
+
+def test_the_facade_exports_what_it_lists():
+    missing = [name for name in rewards.__all__ if not hasattr(rewards, name)]
+    assert not missing
+    assert rewards.Scorer is scoring.Scorer and rewards.register_scorer is scoring.register_scorer
 
 
 def test_unknown_metric_lists_available():
@@ -190,6 +197,21 @@ def test_user_scorer_as_module_class(tmp_path, monkeypatch, images, scorer_confi
     torch.testing.assert_close(scores["user_scorers:Brightness"], expected / 2.0)
 
 
+def test_command_line_takes_a_user_scorer_as_module_class(tmp_path):
+    # `python rewards.py` runs as __main__, and the user module imports `rewards` again: both must share one Scorer
+    # base class and one registry.
+    (tmp_path / "user_scorers.py").write_text(USER_SCORER_MODULE)
+    image = str(tmp_path / "red.png")
+    tiny_assets.draw_shape_image("red", "circle", "white", size=48).save(image)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, os.path.join(ROOT, "rewards.py"), "score", "--images", image, "--prompt", "x",
+               "--reward_models", "user_scorers:Brightness", "--device", "cpu", "--json"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = rewards.CLIPImagePreprocessor(size=16)([rewards.load_image(image)]).mean()
+    assert json.loads(result.stdout)["scores"]["user_scorers:Brightness"] == [pytest.approx(float(expected))]
+
+
 def test_user_scorer_with_decorator(images):
     @rewards.register_scorer("test_darkness")
     class Darkness(rewards.Scorer):
@@ -207,7 +229,7 @@ def test_user_scorer_with_decorator(images):
         expected = -rewards.CLIPImagePreprocessor(size=8)(images).mean(dim=(1, 2, 3))
         torch.testing.assert_close(scorer.score(images, "x"), expected)
     finally:
-        rewards._SCORERS.pop("test_darkness", None)
+        scoring._SCORERS.pop("test_darkness", None)
     with pytest.raises(TypeError):
         rewards.register_scorer("not_a_scorer")(object)
 
@@ -615,15 +637,15 @@ def test_rows_equal_in_the_sampled_pixels_only_are_not_merged(scorer_set, images
     pixels = scorer_set.preprocessor([images[0], images[0]])
     for key, tensor in pixels.items():
         tensor[1, 0, 0, 1] += 0.5  # off the sampled grid: only a full comparison can tell the two rows apart
-    assert rewards._tensor_duplicates(pixels, ["p", "p"]) == (None, None)
-    assert rewards._tensor_duplicates(scorer_set.preprocessor([images[0]] * 2), ["p", "q"]) == (None, [0, 0])
+    assert scoring._tensor_duplicates(pixels, ["p", "p"]) == (None, None)
+    assert scoring._tensor_duplicates(scorer_set.preprocessor([images[0]] * 2), ["p", "q"]) == (None, [0, 0])
 
 
 def test_prompt_buckets_are_few_powers_of_two():
-    assert [rewards._prompt_bucket(n, 16) for n in range(1, 18)] == [1, 2, 4, 4] + [8] * 4 + [16] * 9
-    chunks = list(rewards._padded_prompt_chunks(["a", "b", "c", "d", "e"], 4, bucket=True))
+    assert [cuda_graphs._prompt_bucket(n, 16) for n in range(1, 18)] == [1, 2, 4, 4] + [8] * 4 + [16] * 9
+    chunks = list(cuda_graphs._padded_prompt_chunks(["a", "b", "c", "d", "e"], 4, bucket=True))
     assert chunks == [(["a", "b", "c", "d"], 4), (["e"], 1)]
-    assert list(rewards._padded_prompt_chunks(["a", "b", "c"], 8, bucket=True)) == [(["a", "b", "c", "c"], 3)]
+    assert list(cuda_graphs._padded_prompt_chunks(["a", "b", "c"], 8, bucket=True)) == [(["a", "b", "c", "c"], 3)]
 
 
 def test_graph_shaped_forwards_give_the_eager_scores(scorer_config, images):
@@ -975,6 +997,33 @@ def test_labeler_state_round_trip_resumes_identically(tmp_path):
         assert any(not torch.equal(d, c.prob) for d, c in zip(differs, continued)), mode
 
 
+def test_labeler_from_args_is_the_labeler_of_the_command_line_and_the_trainer():
+    import argparse
+    import types
+
+    import training
+
+    temperatures, weights = {"clip": 2.0}, {"clip": 0.5}
+    args = argparse.Namespace(consensus="random_metric", abstain_margin=0.1, tie_policy="drop", min_agreement=0.5,
+                              human_vote=True, seed=None, normalize_warmup_pairs=64, precomputed_consensus=False)  # fmt: skip
+    labeler = rewards.ConsensusLabeler.from_args(args, temperatures, weights)
+    assert labeler.config() == {
+        "mode": "random_metric",
+        "temperatures": temperatures,
+        "weights": weights,
+        "abstain_margin": 0.1,
+        "tie_policy": "drop",
+        "min_agreement": 0.5,
+        "human_vote": True,
+        "seed": 0,  # the trainer's --seed defaults to None
+    }
+    assert labeler.normalized_state.warmup_pairs == 64
+    scorer_set = types.SimpleNamespace(temperatures=temperatures, weights=weights)
+    assert training.make_labeler(args, scorer_set).config() == labeler.config()
+    cli_args = rewards.parse_args(["score", "--images", "a.png", "--prompt", "x", "--consensus", "mean_prob"])
+    assert rewards.ConsensusLabeler.from_args(cli_args).config() == rewards.ConsensusLabeler(mode="mean_prob").config()
+
+
 def test_fit_temperature_recovers_the_scale():
     rng = np.random.default_rng(0)
     deltas = rng.normal(0, 3, 20000)
@@ -983,6 +1032,16 @@ def test_fit_temperature_recovers_the_scale():
     assert rewards.fit_temperature(deltas, 1.0 - targets) is None  # anti-correlated: no positive temperature
     ties = np.full(100, 0.5)
     assert rewards.fit_temperature(rng.normal(size=100), ties) is None
+
+
+def test_consensus_module_imports_no_model_library():
+    # Labelling precomputed scores must not pay for (or need) the model libraries.
+    code = (
+        "import multi_metric.consensus, sys; "
+        "loaded = {'transformers', 'open_clip'} & set(sys.modules); assert not loaded, loaded"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ from launch_utils import REPO_ROOT, launch, read_scalars
 from safetensors.torch import load_file
 from trainer_utils import batch_of, build_sd_trainer, sd_args
 
+import run_state
 import tiny_assets
 import training
+import training_args
 
 
 SCRIPT = "train_balanced_dpo.py"
@@ -125,7 +127,7 @@ def test_fp16_overflow_skips_the_step_lowers_the_scale_and_the_run_goes_on(
     trainer, pairs = build_sd_trainer(accelerator, args)
     overflow = {"on": False}
     trainer.params[0].register_hook(lambda grad: grad * float("inf") if overflow["on"] else grad)
-    progress, bad = training.TrainingProgress(), training.preference_data.BadExampleTracker()
+    progress, bad = run_state.TrainingProgress(), training.preference_data.BadExampleTracker()
 
     def step(first_row):
         outcome = run_step(trainer, pairs, [range(first_row, first_row + 4), range(first_row + 4, first_row + 8)])
@@ -263,7 +265,7 @@ def test_a_signal_between_micro_batches_stops_before_the_next_one(
     monkeypatch.setattr(training.DPOTrainer, "accumulate", accumulate_then_signal)
     assert run(interrupted, "--max_train_steps", "3") is None
     assert len(calls) == 6, "a micro-batch was trained after the signal"
-    assert training.list_checkpoints(interrupted) == ["checkpoint-1"]
+    assert run_state.list_checkpoints(interrupted) == ["checkpoint-1"]
     assert not os.path.exists(os.path.join(interrupted, LORA_NAME))
 
     monkeypatch.setattr(training.DPOTrainer, "accumulate", accumulate)
@@ -298,11 +300,11 @@ def test_tracker_config_and_upload_leave_out_secrets_and_logs(tmp_path):
 
     args = sd_args({"sd": "x", "pickapic": "y", "reward_config": None}, tmp_path, "--hub_token", "hf_secret",
                    "--logging_dir", "tracker/runs")  # fmt: skip
-    config = training.tracker_config(args)
+    config = training_args.tracker_config(args)
     assert "hub_token" not in config and "hf_secret" not in config.values() and config["rank"] == args.rank
     files = ["pytorch_lora_weights.safetensors", "README.md", "image_0.png", "tracker/runs/a/events.out",
              "checkpoint-2/optimizer.bin", ".checkpoint-3.tmp/x", "logs_of_mine.txt"]  # fmt: skip
-    kept = list(filter_repo_objects(files, ignore_patterns=training.upload_ignore_patterns(args)))
+    kept = list(filter_repo_objects(files, ignore_patterns=training_args.upload_ignore_patterns(args)))
     assert kept == ["pytorch_lora_weights.safetensors", "README.md", "image_0.png", "logs_of_mine.txt"]
 
 
@@ -310,7 +312,7 @@ def test_wandb_with_a_hub_token_is_refused_before_anything_runs(tmp_path):
     args = sd_args({"sd": "x", "pickapic": "y", "reward_config": None}, tmp_path, "--report_to", "wandb",
                    "--hub_token", "hf_x")  # fmt: skip
     with pytest.raises(ValueError, match=r"--report_to wandb together with --hub_token.*hf auth login"):
-        training.validate_args(args)
+        training_args.validate_args(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ if REPO_ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+import run_state  # noqa: E402
 import training  # noqa: E402
+import training_args  # noqa: E402
 
 
 def sd_args(assets, output_dir, *extra):
@@ -61,7 +63,7 @@ def build_trainer(accelerator, args, family_class, optimizer_factory=None):
     import datasets
     from diffusers.optimization import get_scheduler
 
-    plan = training.validate_args(args, family_class)
+    plan = training_args.validate_args(args, family_class)
     family = family_class.from_pretrained(args, accelerator.device, torch.float32)
     params, _ = training.add_lora(args, plan, family, accelerator)
     optimizer = accelerator.prepare((optimizer_factory or training.make_optimizer)(args, params))
@@ -75,7 +77,7 @@ def build_trainer(accelerator, args, family_class, optimizer_factory=None):
         params=params,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        generator=training.training_generator(accelerator, args.seed),
+        generator=run_state.training_generator(accelerator, args.seed),
         scorer_set=scorer_set,
         labeler=training.make_labeler(args, scorer_set),
     )
