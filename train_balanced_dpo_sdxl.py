@@ -321,12 +321,15 @@ class StableDiffusionXLFamily(training.ModelFamily):
         )
         return cls(args, unet, vae, text_encoders, tokenizers, noise_scheduler, weight_dtype)
 
-    def prepare(self, train_dataset, streaming):
-        """With --cache_text_embeddings on a map-style dataset, encodes every caption now and frees the encoders."""
+    def prepare(self, train_dataset, streaming, prompts=()):
+        """With --cache_text_embeddings on a map-style dataset (or the prompts of an online run), encodes every
+        caption now and frees the encoders."""
         args = self.args
-        if not args.cache_text_embeddings or streaming or train_dataset is None:
-            return  # streams and online prompts are encoded on first sight
-        captions = train_dataset.select_columns([args.caption_column])[args.caption_column]
+        if not args.cache_text_embeddings or streaming:
+            return  # streams are encoded on first sight
+        captions = list(prompts)
+        if train_dataset is not None:
+            captions += train_dataset.select_columns([args.caption_column])[args.caption_column]
         captions = [c for c in dict.fromkeys(captions) if isinstance(c, str) and c.strip()]
         captions.append("")  # --proportion_empty_prompts
         if args.text_embeddings_cache_size is not None and len(captions) > args.text_embeddings_cache_size:

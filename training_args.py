@@ -160,7 +160,7 @@ def parse_args(family, input_args=None):
     group.add_argument(
         "--online_scheduler",
         type=str,
-        default="DPMSolverMultistepScheduler",
+        default=defaults.get("online_scheduler", "DPMSolverMultistepScheduler"),
         help="diffusers scheduler class that samples the round's images ('' keeps the pipeline's).",
     )
     group.add_argument("--online_generation_batch_size", type=int, default=8, help="Images per sampling call.")
