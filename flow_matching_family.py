@@ -37,6 +37,7 @@ from accelerate.logging import get_logger
 
 import balanced_dpo
 import training
+import training_args
 
 
 logger = get_logger(__name__)
@@ -211,6 +212,13 @@ class PromptEmbeddingPipeline:
 
     def __getattr__(self, name):
         return getattr(self.pipeline, name)
+
+    def __setattr__(self, name, value):
+        # `pipeline.scheduler = ...` (online sampling with --online_scheduler) reaches the wrapped pipeline.
+        if name in ("pipeline", "family"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.pipeline, name, value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,16 +404,18 @@ class FlowMatchingFamily(training.ModelFamily):
         transformer.requires_grad_(False)
         return transformer
 
-    def prepare(self, train_dataset, streaming):
-        """With --cache_text_embeddings on a map-style dataset: encodes every caption, the empty prompt and the
-        validation prompts now, then frees the text encoders."""
+    def prepare(self, train_dataset, streaming, prompts=()):
+        """With --cache_text_embeddings on a map-style dataset (or the prompts of an online run): encodes every
+        caption, the empty prompt and the validation prompts now, then frees the text encoders."""
         args = self.args
         if not args.cache_text_embeddings or streaming:
             return
-        captions = train_dataset.select_columns([args.caption_column])[args.caption_column]
+        captions = list(prompts)
+        if train_dataset is not None:
+            captions += train_dataset.select_columns([args.caption_column])[args.caption_column]
         captions = [c for c in dict.fromkeys(captions) if isinstance(c, str) and c.strip()]
         captions.append("")  # --proportion_empty_prompts, and the negative prompt of classifier-free guidance
-        captions += training.read_validation_prompts(args.validation_prompts)
+        captions += training_args.read_validation_prompts(args.validation_prompts)
         captions = list(dict.fromkeys(captions))
         if args.text_embeddings_cache_size is not None and len(captions) > args.text_embeddings_cache_size:
             logger.warning(
@@ -494,11 +504,8 @@ class FlowMatchingFamily(training.ModelFamily):
             **components,
         )
         if lora_dir is not None:
-            pipeline.load_lora_weights(lora_dir)
+            pipeline.load_lora_weights(lora_dir, weight_name=training.LORA_WEIGHTS_NAME)
         return PromptEmbeddingPipeline(pipeline, self)
 
-    def license(self):
-        return training.base_model_license(self.args) or self.default_license()
-
     def default_license(self):
-        return "other"
+        return self.default_license_fields()["license"]

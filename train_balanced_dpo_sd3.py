@@ -29,6 +29,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 import flow_matching_family
 import training
+import training_args
 
 
 check_min_version("0.34.0")
@@ -37,8 +38,9 @@ check_min_version("0.34.0")
 SD3_LORA_TARGET_MODULES = (
     "attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,attn.to_k,attn.to_out.0,attn.to_q,attn.to_v"
 )
-# StableDiffusion3Pipeline's default guidance.
+# StableDiffusion3Pipeline's default guidance, and the one flow_grpo samples SD3.5-Medium with.
 SD3_GUIDANCE_SCALE = 7.0
+SD35_GUIDANCE_SCALE = 4.5
 
 
 class TokenizeCaptions:
@@ -106,8 +108,11 @@ class StableDiffusion3Family(flow_matching_family.FlowMatchingFamily):
         "output_dir": "balanced-dpo-sd3-lora",
         "lora_target_modules": SD3_LORA_TARGET_MODULES,
         "validation_inference_steps": 28,
-        # flow_grpo's SD3.5-Medium DPO: errors averaged over channels and pixels, the same 1/2 (see README).
+        # flow_grpo's SD3.5-Medium DPO: errors averaged over channels and pixels, the same 1/2 (docs/flow_matching.md).
         "beta_dpo": 100.0,
+        # Online rounds sample with the pipeline's own FlowMatchEulerDiscreteScheduler.
+        "online_scheduler": "",
+        "online_guidance_scale": SD35_GUIDANCE_SCALE,
     }
     model_card_tags = ("sd3", "sd3-diffusers")
 
@@ -134,13 +139,13 @@ class StableDiffusion3Family(flow_matching_family.FlowMatchingFamily):
         ]
         text_encoders = [
             CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder=subfolder, revision=revision, variant=variant, torch_dtype=weight_dtype
+                path, subfolder=subfolder, revision=revision, variant=variant, dtype=weight_dtype
             )
             for subfolder in ("text_encoder", "text_encoder_2")
         ]
         text_encoders.append(
             T5EncoderModel.from_pretrained(
-                path, subfolder="text_encoder_3", revision=revision, variant=variant, torch_dtype=weight_dtype
+                path, subfolder="text_encoder_3", revision=revision, variant=variant, dtype=weight_dtype
             )
         )
         return tokenizers, text_encoders
@@ -177,9 +182,14 @@ class StableDiffusion3Family(flow_matching_family.FlowMatchingFamily):
             "guidance_scale": args.validation_guidance_scale,
         }
 
-    def default_license(self):
-        # Stability AI Community License (SD3.5) or the SD3 Medium non-commercial licence: no SPDX id for either.
-        return "other"
+    def default_license_fields(self):
+        # The licence SD3 Medium and the SD3.5 models are released under (their model cards: license other); the
+        # base model card's own licence takes precedence when it can be read.
+        return {
+            "license": "other",
+            "license_name": "stabilityai-ai-community",
+            "license_link": "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md",
+        }
 
     def model_card_notes(self):
         args = self.args
@@ -209,7 +219,7 @@ image = pipe(
 
 
 def parse_args(input_args=None):
-    return training.parse_args(StableDiffusion3Family, input_args)
+    return training_args.parse_args(StableDiffusion3Family, input_args)
 
 
 def main(args):
