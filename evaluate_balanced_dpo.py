@@ -15,8 +15,8 @@
 # limitations under the License.
 """Per-metric win rate of text-to-image model A against model B.
 
-Each model is a diffusers pipeline (Stable Diffusion 1.x / 2.x, SDXL: `DiffusionPipeline` picks the class) plus zero
-or one LoRA. For every prompt both models generate one image from the same seed (`--seed` + prompt index), sampler,
+Each model is a diffusers pipeline (Stable Diffusion 1.x / 2.x, SDXL, SD3 / SD3.5, FLUX.1: `DiffusionPipeline` picks
+the class, `detect_model_family` names its family) plus zero or one LoRA. For every prompt both models generate one image from the same seed (`--seed` + prompt index), sampler,
 number of steps and guidance; both images are scored with every `rewards.py` metric (`--reward_models`,
 `--reward_config`, as in training). A wins a prompt on metric m when its score is higher; equal scores count 1/2.
 The per-metric win rate is the mean over prompts, the average win rate the mean over metrics, each with a 95%
@@ -125,6 +125,13 @@ def parse_args(input_args=None):
     group.add_argument("--negative_prompt", type=str, default=None)
     group.add_argument(
         "--resolution", type=int, default=None, help="Image height and width (default: the pipeline's)."
+    )
+    group.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="T5 tokens of the prompts of SD3 / FLUX.1 pipelines (default: the pipeline's; the training scripts"
+        " validate with their --max_sequence_length, 77 for SD3 and 512 for FLUX.1-dev by default).",
     )
     group.add_argument("--batch_size", type=int, default=8, help="Prompts generated per pipeline call.")
     group.add_argument("--seed", type=int, default=0, help="Prompt i is generated from seed + i by both models.")
@@ -336,8 +343,34 @@ def _lora_location(lora):
     return lora, None
 
 
+# The pipeline classes of the model families the training scripts cover (`_class_name` of model_index.json).
+MODEL_FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+# The training script of each family.
+TRAINING_SCRIPTS = {
+    "sd": "train_balanced_dpo.py",
+    "sdxl": "train_balanced_dpo_sdxl.py",
+    "sd3": "train_balanced_dpo_sd3.py",
+    "flux": "train_balanced_dpo_flux.py",
+}
+
+
+def detect_model_family(pretrained, revision=None):
+    """The family of a pipeline folder or Hub id: "sd" (SD 1.x / 2.x), "sdxl", "sd3" (SD3 / SD3.5) or "flux"
+    (FLUX.1 dev / schnell), read from its model_index.json alone (no weights); None for any other pipeline class."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(pretrained, revision=revision)
+    return MODEL_FAMILIES.get(index.get("_class_name"))
+
+
 def load_pipeline(args, pretrained, dtype, device):
-    """A text-to-image pipeline of any class `DiffusionPipeline` knows (SD 1.x/2.x, SDXL, ...), safety checker off."""
+    """A text-to-image pipeline of any class `DiffusionPipeline` knows (SD 1.x/2.x, SDXL, SD3, FLUX.1, ...), safety
+    checker off."""
     from diffusers import AutoencoderKL, DiffusionPipeline
 
     kwargs = {"torch_dtype": dtype, "revision": args.revision, "variant": args.variant}
@@ -374,10 +407,26 @@ def pipeline_defaults(pretrained, revision=None):
             defaults["guidance_scale"] = parameter.default
     if isinstance(index.get("scheduler"), (list, tuple)):
         defaults["scheduler"] = index["scheduler"][-1]
+    family = MODEL_FAMILIES.get(index.get("_class_name"))
     try:
-        unet = diffusers.UNet2DConditionModel.load_config(pretrained, subfolder="unet", revision=revision)
         vae = diffusers.AutoencoderKL.load_config(pretrained, subfolder="vae", revision=revision)
-        defaults["resolution"] = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+        vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        if family == "flux":
+            # FluxPipeline's default_sample_size: its transformer config has no sample size.
+            defaults["resolution"] = 128 * vae_scale_factor
+            transformer = diffusers.FluxTransformer2DModel.load_config(
+                pretrained, subfolder="transformer", revision=revision
+            )
+            if not transformer.get("guidance_embeds", False):
+                defaults["guidance_scale"] = 0.0  # FLUX.1-schnell takes no guidance
+        else:
+            if family == "sd3":
+                config = diffusers.SD3Transformer2DModel.load_config(
+                    pretrained, subfolder="transformer", revision=revision
+                )
+            else:
+                config = diffusers.UNet2DConditionModel.load_config(pretrained, subfolder="unet", revision=revision)
+            defaults["resolution"] = config["sample_size"] * vae_scale_factor
     except (OSError, KeyError, TypeError, ValueError):
         pass
     return defaults
@@ -439,6 +488,8 @@ class ModelPair:
             kwargs["negative_prompt"] = [args.negative_prompt] * len(prompts)
         if args.resolution is not None:
             kwargs["height"] = kwargs["width"] = args.resolution
+        if getattr(args, "max_sequence_length", None) is not None:
+            kwargs["max_sequence_length"] = args.max_sequence_length
         with torch.no_grad():
             return pipeline(**kwargs).images
 
@@ -493,6 +544,8 @@ class ImageCache:
             "negative_prompt": args.negative_prompt,
             "mixed_precision": args.mixed_precision,
         }
+        if getattr(args, "max_sequence_length", None) is not None:
+            settings["max_sequence_length"] = args.max_sequence_length
         self.model_keys = {}
         for key, pretrained, lora, scale in (
             ("a", args.pretrained_model_name_or_path, args.lora_a, args.lora_scale_a),
@@ -542,7 +595,7 @@ def generate_or_load(models, cache, key, prompts, seeds, args):
 def run_config(args, prompt_info, metric_names, effective):
     """Everything that decides the per-prompt scores; a resumed run must match it. `effective` holds each model's
     scheduler, guidance scale and resolution after the pipelines' own defaults (they differ for SD and SDXL)."""
-    return {
+    config = {
         "model_a": {
             "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
             "lora": args.lora_a,
@@ -573,6 +626,9 @@ def run_config(args, prompt_info, metric_names, effective):
         "reward_config_sha256": _file_digest(args.reward_config),
         "scorer_dtype": args.scorer_dtype,
     }
+    if getattr(args, "max_sequence_length", None) is not None:  # only when set: earlier evaluations still resume
+        config["max_sequence_length"] = args.max_sequence_length
+    return config
 
 
 def read_records(path, prompts):
