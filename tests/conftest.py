@@ -45,7 +45,12 @@ def tiny_assets_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_flow_assets(tmp_path_factory):
-    """Dict of paths of the tiny flow-matching pipelines (`sd3`, `flux`) with the tiny `pickapic` data and
-    `reward_config` (plus `sd`); the SDXL pipeline is not built."""
-    return tiny_assets.build_all(str(tmp_path_factory.mktemp("tiny_flow_assets")), sdxl=False, sd3=True, flux=True)
+def tiny_flow_assets(tiny_assets_dir, tmp_path_factory):
+    """`tiny_assets_dir` (the tiny data, scorers and SD pipelines) plus the tiny flow-matching pipelines `sd3` and
+    `flux` (FLUX.1-dev's layout)."""
+    output_dir = str(tmp_path_factory.mktemp("tiny_flow_assets"))
+    return {
+        **tiny_assets_dir,
+        "sd3": tiny_assets.build_tiny_sd3_pipeline(os.path.join(output_dir, "sd3")),
+        "flux": tiny_assets.build_tiny_flux_pipeline(os.path.join(output_dir, "flux")),
+    }

@@ -11,16 +11,20 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""What the SD3 and FLUX test files share: arguments for the tiny pipelines, a dataset with precomputed consensus
-columns, LoRA checks, and in-process runs of a script's `main`."""
+"""What the SD3 and FLUX test files share: arguments for the tiny pipelines, in-process runs of a script's `main`
+(interrupted by SIGTERM and resumed), a dataset with precomputed consensus columns, LoRA checks, and the Flow-DPO
+loss written out by hand."""
 
 import math
 import os
+import signal
 
 import torch
 from safetensors.torch import load_file
 
+import run_state
 import tiny_assets
+import training
 
 
 LORA_NAME = "pytorch_lora_weights.safetensors"
@@ -49,6 +53,40 @@ def reset_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def run_script(script, argv):
+    """`script.main(script.parse_args(argv))` in this process, as `accelerate launch` would run it on one CPU."""
+    reset_accelerate_state()
+    try:
+        return script.main(script.parse_args([str(a) for a in argv]))
+    finally:
+        reset_accelerate_state()
+
+
+def interrupt_then_resume(monkeypatch, run, output_dir, signal_after_micro_batch):
+    """Runs `run(output_dir)` with a SIGTERM sent to this process right after micro-batch `signal_after_micro_batch`
+    (counted from 1) has been accumulated, checks that the run stopped without a final LoRA and kept only the
+    checkpoints of completed steps, then resumes it with `--resume_from_checkpoint latest` to the end. Returns the
+    checkpoints the interrupted run left."""
+    calls = []
+    accumulate = training.DPOTrainer.accumulate
+
+    def accumulate_then_signal(self, batch, labels):
+        calls.append(1)
+        result = accumulate(self, batch, labels)
+        if len(calls) == signal_after_micro_batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(training.DPOTrainer, "accumulate", accumulate_then_signal)
+    assert run(output_dir) is None, "an interrupted run returns no LoRA"
+    assert len(calls) == signal_after_micro_batch, "the run went on after the signal"
+    assert not os.path.exists(os.path.join(output_dir, LORA_NAME))
+    checkpoints = run_state.list_checkpoints(output_dir)
+    monkeypatch.setattr(training.DPOTrainer, "accumulate", accumulate)
+    assert run(output_dir, "--resume_from_checkpoint", "latest")
+    return checkpoints
 
 
 def write_precomputed_consensus_dataset(output_dir, num_pairs=16, seed=4):

@@ -11,13 +11,16 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Tests of train_balanced_dpo_sd3.py on a tiny SD3.5-style pipeline built locally in the real folder format: a run
-through `accelerate launch` whose LoRA loads into StableDiffusion3Pipeline, the loss of a step against the Flow-DPO
-formula by hand, the reference model, resuming after SIGTERM, cached text embeddings, sampling, two processes, and
-argument errors."""
+"""Tests of train_balanced_dpo_sd3.py on a tiny SD3.5-style pipeline built locally in the real folder format.
 
+Few runs, each checked for many things: one run (live consensus, soft labels, a dynamic reference, checkpoints,
+validation, model card) equals the same run stopped by SIGTERM and resumed, and its LoRA loads into
+StableDiffusion3Pipeline with its alpha, changes its output and is evaluated by evaluate_balanced_dpo.py; the loss of
+a step equals the Flow-DPO formula by hand (same sigma and noise for winner and loser) and the reference gets no
+gradient; cached text embeddings condition and sample as the pipeline does; two processes; argument errors."""
+
+import json
 import os
-import signal
 import time
 
 import numpy as np
@@ -30,28 +33,33 @@ from flow_test_utils import (
     assert_same_lora,
     base_args,
     flow_dpo_losses,
+    interrupt_then_resume,
     pair_pixels,
     reset_accelerate_state,
+    run_script,
     set_random_lora_weights,
     uniform_sigmas,
     write_precomputed_consensus_dataset,
 )
-from launch_utils import launch, read_scalars, torchrun
+from launch_utils import read_scalars, torchrun
 from trainer_utils import batch_of, build_trainer
 
-import training
+import run_state
 
 
 SCRIPT = "train_balanced_dpo_sd3.py"
 PROMPT = "a red circle on a white background"
+VALIDATION_PROMPT = "a blue square on a black background"
 
 
-def sd3_args(assets, output_dir, *extra):
-    import train_balanced_dpo_sd3
-
-    return train_balanced_dpo_sd3.parse_args(
-        base_args(assets["sd3"], assets, output_dir, "--reward_models", "clip,aesthetic", *extra)
-    )
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: two threads on a busy 2-core machine (or beside a second test worker) make these tiny
+    models up to 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -61,77 +69,110 @@ def fresh_accelerate_state():
     reset_accelerate_state()
 
 
-def sd3_trainer(assets, tmp_path, *extra):
+def sd3_trainer(assets, output_dir, *extra):
+    """A DPOTrainer on the tiny SD3 pipeline, with the human label as consensus (no scorer to load)."""
     from accelerate import Accelerator
 
     import train_balanced_dpo_sd3
 
     torch.manual_seed(0)  # the LoRA's random initialisation
-    args = sd3_args(assets, tmp_path, *extra)
+    args = train_balanced_dpo_sd3.parse_args(
+        base_args(assets["sd3"], assets, output_dir, "--consensus", "human", *extra)
+    )
     return build_trainer(Accelerator(cpu=True), args, train_balanced_dpo_sd3.StableDiffusion3Family)
 
 
-def run_pipeline(model_dir, lora_dir=None):
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir)
-    if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir)
-    images = pipe(
-        PROMPT,
-        num_inference_steps=2,
+def generate(pipe, prompts=PROMPT, seed=0, steps=2, guidance_scale=7.0):
+    generators = [
+        torch.Generator().manual_seed(seed + i) for i in range(1 if isinstance(prompts, str) else len(prompts))
+    ]
+    return pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
         height=32,
         width=32,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
-        generator=torch.Generator().manual_seed(0),
+        generator=generators,
         output_type="np",
     ).images
-    return pipe, images
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A real run
+# A run, the same run interrupted and resumed, its LoRA in the pipeline and in the evaluation
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_smoke_live_consensus_lora_loads_into_sd3_with_its_alpha_and_changes_output(tiny_flow_assets, tmp_path):
-    output_dir = str(tmp_path / "out")
-    launch(
-        SCRIPT,
-        base_args(
-            tiny_flow_assets["sd3"], tiny_flow_assets, output_dir,
-            "--max_train_steps", "3",
-            "--checkpointing_steps", "100",
-            "--rank", "4",
-            "--lora_alpha", "8",
-            "--use_8bit_adam",
-            "--gradient_checkpointing",
-            "--validation_prompts", "a blue square on a black background",
-            "--validation_inference_steps", "2",
-            "--score_validation",
-        ),
+def test_run_equals_its_resumed_run_and_its_lora_loads_with_alpha_changes_output_and_evaluates(
+    tiny_flow_assets, tmp_path, monkeypatch
+):
+    from diffusers import StableDiffusion3Pipeline
+
+    import evaluate_balanced_dpo
+    import train_balanced_dpo_sd3
+
+    assets = tiny_flow_assets
+    # Live mean-probability consensus of four scorers with soft labels, accumulation, a dynamic reference updated
+    # after the interruption, random crops, LoRA alpha 2 x rank, 8-bit Adam, gradient checkpointing.
+    common = (
+        "--consensus", "mean_prob", "--label_mode", "soft", "--gradient_accumulation_steps", "2",
+        "--train_batch_size", "2", "--ref_update_steps", "2", "--random_crop", "--rank", "4", "--lora_alpha", "8",
+        "--use_8bit_adam", "--gradient_checkpointing", "--checkpointing_steps", "1", "--max_train_steps", "3",
     )  # fmt: skip
-    _, base = run_pipeline(tiny_flow_assets["sd3"])
-    pipe, tuned = run_pipeline(tiny_flow_assets["sd3"], output_dir)
-    state = assert_peft_lora_of(output_dir, pipe.transformer)
+
+    def run(output_dir, *extra):
+        return run_script(train_balanced_dpo_sd3, base_args(assets["sd3"], assets, output_dir, *common, *extra))
+
+    straight = str(tmp_path / "straight")
+    validation = ("--validation_prompts", VALIDATION_PROMPT, "--validation_inference_steps", "2", "--score_validation")
+    assert run(straight, *validation) == os.path.join(straight, LORA_NAME)
+    interrupted = str(tmp_path / "interrupted")
+    # The signal comes after the first micro-batch of step 2: that partial step is redone on resuming.
+    assert interrupt_then_resume(monkeypatch, lambda *a: run(*a, "--report_to", "none"), interrupted, 3) == [
+        "checkpoint-1"
+    ]
+    assert_same_lora(straight, interrupted)
+    assert os.path.isfile(os.path.join(interrupted, "checkpoint-3", "reference_lora_weights.safetensors"))
+
+    # Metrics once per optimizer step; the model card with SD3's licence, tags, scores and usage.
+    scalars = read_scalars(straight)
+    for name in ("loss", "implicit_acc", "model_diff", "ref_diff", "agreement/pickscore", "agreement/aesthetic"):
+        assert name in scalars, f"{name} was not logged; got {sorted(scalars)}"
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3]
+    card = open(os.path.join(straight, "README.md")).read()
+    for line in ("license: other", "license_name: stabilityai-ai-community", "- sd3", "- balanced-dpo", "- lora"):
+        assert line in card, line
+    assert "StableDiffusion3Pipeline" in card and "load_lora_weights" in card and "| pickscore |" in card
+    assert os.path.isfile(os.path.join(straight, "image_0.png"))
+
+    # The LoRA loads into the pipeline with its alpha (scale alpha / r = 2) and changes what it generates.
+    pipe = StableDiffusion3Pipeline.from_pretrained(assets["sd3"])
+    pipe.set_progress_bar_config(disable=True)
+    base = generate(pipe)
+    pipe.load_lora_weights(straight, weight_name=LORA_NAME)
+    tuned = generate(pipe)
+    state = assert_peft_lora_of(straight, pipe.transformer)
     # diffusers' SD3 LoRA targets: the joint attention's image and text projections.
     targeted = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in state}
     assert {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"} <= targeted
-    assert base.shape == tuned.shape == (1, 32, 32, 3)
-    assert abs(base - tuned).max() > 1e-4, "loading the LoRA did not change the pipeline output"
-    # lora_alpha travels with the weights: the loaded LoRA has the trained scale alpha / r = 2.
     scalings = [s for m in pipe.transformer.modules() for s in getattr(m, "scaling", {}).values()]
     assert scalings and all(s == pytest.approx(2.0) for s in scalings)
+    assert base.shape == tuned.shape == (1, 32, 32, 3)
+    assert abs(base - tuned).max() > 1e-4, "loading the LoRA did not change the pipeline output"
 
-    card = open(os.path.join(output_dir, "README.md")).read()
-    for tag in ("diffusers", "lora", "text-to-image", "dpo", "balanced-dpo", "sd3"):
-        assert f"- {tag}" in card
-    assert "StableDiffusion3Pipeline" in card and "load_lora_weights" in card and "| pickscore |" in card
-    assert os.path.isfile(os.path.join(output_dir, "image_0.png"))
-    scalars = read_scalars(output_dir)
-    for name in ("loss", "implicit_acc", "model_diff", "ref_diff", "agreement/pickscore", "agreement/aesthetic"):
-        assert name in scalars, f"{name} was not logged; got {sorted(scalars)}"
-    assert [step for step, _ in scalars["loss"]] == [1, 2, 3], "metrics must be logged once per optimizer step"
+    # The evaluation detects the family and compares the LoRA with the base model.
+    assert evaluate_balanced_dpo.detect_model_family(assets["sd3"]) == "sd3"
+    results = evaluate_balanced_dpo.main(
+        evaluate_balanced_dpo.parse_args(
+            ["--pretrained_model_name_or_path", assets["sd3"], "--lora_a", straight, "--prompts", assets["pickapic"],
+             "--max_prompts", "2", "--reward_models", "clip", "--reward_config", assets["reward_config"],
+             "--num_inference_steps", "2", "--resolution", "32", "--max_sequence_length", str(MAX_SEQUENCE_LENGTH),
+             "--bootstrap_samples", "100", "--output_dir", str(tmp_path / "eval")]
+        )
+    )  # fmt: skip
+    assert results["num_prompts"] == 2 and results["generation"]["guidance_scale"] == 7.0  # the pipeline's default
+    records = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert any(r["scores_a"] != r["scores_b"] for r in records), "the LoRA made no difference to the evaluation"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,11 +180,13 @@ def test_smoke_live_consensus_lora_loads_into_sd3_with_its_alpha_and_changes_out
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_a_step_loss_is_the_flow_dpo_formula_by_hand(tiny_flow_assets, tmp_path, fresh_accelerate_state):
+def test_a_step_loss_is_the_flow_dpo_formula_by_hand_and_the_reference_gets_no_gradient(
+    tiny_flow_assets, tmp_path, fresh_accelerate_state
+):
     from diffusers import StableDiffusion3Pipeline
 
     trainer, pairs = sd3_trainer(
-        tiny_flow_assets, tmp_path, "--label_mode", "soft", "--ref_update_steps", "1", "--weighting_scheme", "cosmap"
+        tiny_flow_assets, tmp_path, "--label_mode", "soft", "--ref_update_steps", "5", "--weighting_scheme", "cosmap"
     )
     family, transformer = trainer.family, trainer.family.denoiser
     set_random_lora_weights(transformer)  # policy, reference adapter and base model all differ
@@ -152,13 +195,11 @@ def test_a_step_loss_is_the_flow_dpo_formula_by_hand(tiny_flow_assets, tmp_path,
     start = trainer.generator.get_state()
     noised_seen = []
     noised_pairs = family.noised_pairs
-
-    def recording_noised_pairs(latents, generator):
-        noised_seen.append(noised_pairs(latents, generator))
-        return noised_seen[-1]
-
-    family.noised_pairs = recording_noised_pairs
+    family.noised_pairs = lambda latents, generator: (
+        noised_seen.append(noised_pairs(latents, generator)) or (noised_seen[-1])
+    )
     losses = trainer.pair_losses(batch, torch.arange(4), label, prob)
+    family.noised_pairs = noised_pairs
 
     # By hand, with the same draws of the training generator: VAE samples, one noise per pair, then sigma.
     generator = torch.Generator().set_state(start)
@@ -190,25 +231,20 @@ def test_a_step_loss_is_the_flow_dpo_formula_by_hand(tiny_flow_assets, tmp_path,
     expected, h = flow_dpo_losses(prediction, reference, noise - x_0, sigmas, label, prob, 500.0, "cosmap")
     assert h.abs().max() > 0.05, "the test needs the policy and the reference to disagree"
     torch.testing.assert_close(losses.double(), expected, rtol=1e-4, atol=1e-6)
-
     # Winner and loser of each pair saw the same sigma and the same noise.
     (noised,) = noised_seen
     assert torch.equal(noised.timesteps[:4], noised.timesteps[4:])
     torch.testing.assert_close(noised.target + x_0, noise, rtol=0, atol=1e-5)
 
-
-def test_the_reference_gets_no_gradient_and_no_update(tiny_flow_assets, tmp_path, fresh_accelerate_state):
-    trainer, pairs = sd3_trainer(tiny_flow_assets, tmp_path, "--ref_update_steps", "5")
-    transformer = trainer.family.denoiser
-    set_random_lora_weights(transformer)
+    # A micro-step and an optimizer step: only the policy LoRA gets gradients and moves.
+    trainer.reset_step()
+    transformer.train()
     grad_enabled = []
-    predict = trainer.family.predict
-    trainer.family.predict = lambda *a: grad_enabled.append(torch.is_grad_enabled()) or predict(*a)
+    predict_ = family.predict
+    family.predict = lambda *a: grad_enabled.append(torch.is_grad_enabled()) or predict_(*a)
     reference = {n: p.detach().clone() for n, p in transformer.named_parameters() if ".reference." in n}
     policy = {n: p.detach().clone() for n, p in transformer.named_parameters() if ".default." in n}
     assert reference and policy
-
-    batch = batch_of(trainer, pairs, range(4))
     assert trainer.accumulate(batch, trainer.consensus(batch)) > 0
     assert grad_enabled == [True, False], "the reference forward must run without gradients"
     for name, param in transformer.named_parameters():
@@ -227,111 +263,47 @@ def test_the_reference_gets_no_gradient_and_no_update(tiny_flow_assets, tmp_path
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints, resume and signals, in-process
+# Cached text embeddings: conditioning and sampling without text encoders
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(
-    tiny_flow_assets, tmp_path, monkeypatch, fresh_accelerate_state
-):
-    import train_balanced_dpo_sd3
-
-    # Accumulation, soft labels, a dynamic reference updated between the interruption and the end, random crops.
-    common = (
-        "--reward_models", "clip,aesthetic", "--consensus", "mean_prob", "--label_mode", "soft",
-        "--gradient_accumulation_steps", "2", "--train_batch_size", "2", "--ref_update_steps", "2", "--random_crop",
-        "--checkpointing_steps", "1", "--report_to", "none", "--max_train_steps", "3",
-    )  # fmt: skip
-
-    def run(output_dir, *extra):
-        reset_accelerate_state()
-        args = base_args(tiny_flow_assets["sd3"], tiny_flow_assets, output_dir, *common, *extra)
-        return train_balanced_dpo_sd3.main(train_balanced_dpo_sd3.parse_args(args))
-
-    straight = str(tmp_path / "straight")
-    run(straight)
-
-    calls = []
-    accumulate = training.DPOTrainer.accumulate
-
-    def accumulate_then_signal(self, batch, labels):
-        calls.append(1)
-        result = accumulate(self, batch, labels)
-        if len(calls) == 3:  # the first micro-batch of optimizer step 2
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    interrupted = str(tmp_path / "interrupted")
-    monkeypatch.setattr(training.DPOTrainer, "accumulate", accumulate_then_signal)
-    assert run(interrupted) is None, "an interrupted run returns no LoRA"
-    assert len(calls) == 3 and training.list_checkpoints(interrupted) == ["checkpoint-1"]
-    assert not os.path.exists(os.path.join(interrupted, LORA_NAME))
-    monkeypatch.setattr(training.DPOTrainer, "accumulate", accumulate)
-    assert run(interrupted, "--resume_from_checkpoint", "latest")
-    assert_same_lora(straight, interrupted)
-    assert os.path.isfile(os.path.join(interrupted, "checkpoint-3", "reference_lora_weights.safetensors"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Cached text embeddings and sampling
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def test_cached_text_embeddings_free_the_encoders_and_condition_the_same(
+def test_cached_text_embeddings_free_the_encoders_and_condition_and_sample_as_the_pipeline(
     tiny_flow_assets, tmp_path, fresh_accelerate_state
 ):
-    prompts = ["a blue square on a black background"]
-    plain, pairs = sd3_trainer(tiny_flow_assets, tmp_path / "plain")
-    reset_accelerate_state()
-    cached, cached_pairs = sd3_trainer(
-        tiny_flow_assets, tmp_path / "cached", "--cache_text_embeddings", "--validation_prompts", *prompts
-    )
-    assert cached.family.text_encoders is None and cached.family.prompt_embeddings.released
-    assert cached.family.tokenize_fn() is None, "cached captions need no token ids"
-    index, label = torch.arange(4), torch.tensor([1.0, 0.0, 1.0, 1.0])
-    expected = plain.family.conditioning(batch_of(plain, pairs, range(4)), index, label)
-    got = cached.family.conditioning(batch_of(cached, cached_pairs, range(4)), index, label)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert got[key].shape[0] == 8  # winners and losers
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
-    # The validation pipeline works without any text encoder, and gives the images of the one with encoders.
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}
-    images = [
-        trainer.family.validation_pipeline()(prompts[0], generator=torch.Generator().manual_seed(1), **kwargs).images
-        for trainer in (plain, cached)
-    ]
-    np.testing.assert_allclose(images[1], images[0], atol=1e-5)
-    with pytest.raises(RuntimeError, match="not in the text-embedding cache"):
-        cached.family.validation_pipeline()("a prompt never encoded", **kwargs)
-
-
-def test_sampled_latents_decode_to_the_pipelines_own_images(tiny_flow_assets, tmp_path, fresh_accelerate_state):
     from diffusers import StableDiffusion3Pipeline
 
-    trainer, pairs = sd3_trainer(tiny_flow_assets, tmp_path)
-    family = trainer.family
-    prompts = ["a red circle on a white background", "a green triangle"]
-    latents = family.sample_latents(
-        family.validation_pipeline(), prompts, [torch.Generator().manual_seed(s) for s in (5, 6)], 3, 4.0
+    prompts = ["a blue square on a black background", "a green triangle"]
+    trainer, pairs = sd3_trainer(
+        tiny_flow_assets, tmp_path, "--cache_text_embeddings", "--validation_prompts", *prompts
     )
-    expected = StableDiffusion3Pipeline.from_pretrained(tiny_flow_assets["sd3"])(
-        prompts,
-        generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
-        num_inference_steps=3,
-        guidance_scale=4.0,
-        height=32,
-        width=32,
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-        output_type="np",
-    ).images
+    family = trainer.family
+    assert family.text_encoders is None and family.prompt_embeddings.released
+    assert family.tokenize_fn() is None, "cached captions need no token ids"
+
+    # The conditioning of a batch is the pipeline's own encode_prompt of its captions, doubled (winners, losers).
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_flow_assets["sd3"])
+    pipe.set_progress_bar_config(disable=True)
+    batch = batch_of(trainer, pairs, range(4))
+    conditioning = family.conditioning(batch, torch.arange(4), torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            batch["train_captions"], None, None, do_classifier_free_guidance=False, max_sequence_length=16
+        )
+    torch.testing.assert_close(conditioning["encoder_hidden_states"], embeds.repeat(2, 1, 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conditioning["pooled_projections"], pooled.repeat(2, 1), rtol=1e-5, atol=1e-6)
+
+    # Sampling for online pairs (no text encoder left) decodes to the pipeline's own images, guidance included.
+    sampler = family.validation_pipeline()
+    latents = family.sample_latents(sampler, prompts, [torch.Generator().manual_seed(s) for s in (5, 6)], 3, 4.0)
+    expected = generate(pipe, prompts, seed=5, steps=3, guidance_scale=4.0)
     decoded = np.stack([np.asarray(image, dtype=np.float32) / 255 for image in family.decode_latents(latents)])
     np.testing.assert_allclose(decoded, expected, atol=1.5 / 255)  # PIL's 8 bits
     # In the training space: what scale_latents(VAE sample) gives for an image at the training resolution.
-    batch = batch_of(trainer, pairs, range(1))
     with torch.no_grad():
-        encoded = family.scale_latents(family.vae.encode(batch["pixel_values_0"]).latent_dist.mode())
+        encoded = family.scale_latents(family.vae.encode(batch["pixel_values_0"][:1]).latent_dist.mode())
     assert latents.shape == (2, *encoded.shape[1:]) == (2, 16, 16, 16)
+    with pytest.raises(RuntimeError, match="not in the text-embedding cache"):
+        sampler("a prompt never encoded", num_inference_steps=2, height=32, width=32, output_type="np")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,7 +318,7 @@ def test_two_processes_precomputed_soft_consensus_and_dynamic_reference(tiny_flo
     output_dir = str(tmp_path / "out")
     args = base_args(
         tiny_flow_assets["sd3"], tiny_flow_assets, output_dir, "--precomputed_consensus", "--label_mode", "soft",
-        "--ref_update_steps", "1", "--checkpointing_steps", "2", "--report_to", "tensorboard",
+        "--ref_update_steps", "1", "--checkpointing_steps", "2",
     )  # fmt: skip
     args[args.index("--dataset_name") + 1] = dataset
     result = torchrun(SCRIPT, args)
@@ -357,8 +329,8 @@ def test_two_processes_precomputed_soft_consensus_and_dynamic_reference(tiny_flo
     assert [step for step, _ in scalars["loss"]] == [1, 2]
     assert sum(value for _, value in scalars["pairs"]) == kept
     names = os.listdir(os.path.join(output_dir, "checkpoint-2"))
-    assert {training.generator_state_name(i) for i in range(2)} | {"reference_lora_weights.safetensors"} <= set(names)
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_flow_assets["sd3"])
+    assert {run_state.generator_state_name(i) for i in range(2)} | {"reference_lora_weights.safetensors"} <= set(names)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_flow_assets["sd3"], vae=None)
     assert_peft_lora_of(output_dir, pipe.transformer)
 
 
@@ -385,14 +357,31 @@ def test_argument_errors_fail_before_loading_anything(case, tmp_path):
     assert time.perf_counter() - start < 5 and not os.path.exists(tmp_path / "out")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, NF4 runs (tests/test_train_flux.py has the GPU run)")
-def test_nf4_base_without_a_gpu_is_an_argument_error_naming_the_fix(tmp_path):
+def test_family_defaults_and_the_model_card_licence(tmp_path):
     import train_balanced_dpo_sd3
 
-    args = train_balanced_dpo_sd3.parse_args(
-        ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(tmp_path / "no-data"),
-         "--output_dir", str(tmp_path / "out"), "--quantize_base", "nf4"]
-    )  # fmt: skip
-    with pytest.raises(ValueError, match=r"--quantize_base nf4 needs a GPU.*Drop --quantize_base"):
-        train_balanced_dpo_sd3.main(args)
-    assert not os.path.exists(tmp_path / "out")
+    family_class = train_balanced_dpo_sd3.StableDiffusion3Family
+    args = train_balanced_dpo_sd3.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
+    family = family_class.__new__(family_class)
+    family.args = args
+    link = "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"
+    community = {"license": "other", "license_name": "stabilityai-ai-community", "license_link": link}
+    # No card to read (offline Hub id): SD3's own licence.
+    assert family.license_fields() == community
+    # A local copy of the base model's card: its licence, with the Hub link where its own link is relative.
+    (tmp_path / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: stabilityai-ai-community\nlicense_link: LICENSE.md\n---\n"
+    )
+    args.pretrained_model_name_or_path = str(tmp_path)
+    assert family.license_fields() == community
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n")
+    assert family.license_fields() == {"license": "mit"} and family.license() == "mit"
+
+    assert (args.beta_dpo, args.resolution, args.max_sequence_length, args.weighting_scheme) == (
+        100.0,
+        1024,
+        77,
+        "logit_normal",
+    )
+    # Online rounds sample with the pipeline's own flow-matching scheduler.
+    assert args.online_scheduler == "" and args.online_guidance_scale == 4.5
