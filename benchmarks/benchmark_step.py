@@ -14,8 +14,9 @@
 # limitations under the License.
 """Step time, throughput and memory of BalancedDPO training against the Diffusion-DPO baseline.
 
-In one process and on the same models, times the training step of `train_balanced_dpo.py` (SD 1.x) or
-`train_balanced_dpo_sdxl.py` (SDXL) in three modes:
+In one process and on the same models, times the training step of `train_balanced_dpo.py` (SD 1.x),
+`train_balanced_dpo_sdxl.py` (SDXL), `train_balanced_dpo_sd3.py` (SD3.5-Medium) or `train_balanced_dpo_flux.py`
+(FLUX.1-dev, optionally on an NF4 base) in three modes:
 
 - `human`: Diffusion-DPO with the human label (`--consensus human`): VAE encode of both images, text encode, policy
   forward and backward, reference forward with the adapters disabled, optimizer step, as in diffusers' example.
@@ -33,6 +34,10 @@ the training loop's own code: `training.micro_batches` (where scoring the next b
     python benchmarks/benchmark_step.py --model tiny --json tiny.json
     # GPU, full-size SD1.5 / SDXL and CLIP-H/14, CLIP-L/14 scorers with random weights (no Hub needed)
     python benchmarks/benchmark_step.py --model sd15 sdxl --json gpu.json
+    # GPU, SD3.5-Medium and FLUX.1-dev (bf16 and NF4 base) at 1024 px, 1 pair, gradient checkpointing, cached text
+    # embeddings (the T5 encoder encodes the batch's captions once and is freed, as --cache_text_embeddings does)
+    python benchmarks/benchmark_step.py --model sd35m flux flux-nf4 --pairs 1 --gradient_checkpointing on \
+      --modes human live precomputed --json flow.json
 
 The full-size models are built from their published configs (below) with random weights: that measures speed and
 memory faithfully and says nothing about image quality.
@@ -232,6 +237,72 @@ CLIP_VIT_L_14_CONFIG = {
     "projection_dim": 768,
     "logit_scale_init_value": 2.6592,
 }
+# stabilityai/stable-diffusion-3.5-medium: transformer/config.json, the MMDiT-X (2243.2 M parameters)
+SD35M_TRANSFORMER_CONFIG = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+# black-forest-labs/FLUX.1-dev: transformer/config.json (11901.4 M parameters)
+FLUX_DEV_TRANSFORMER_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+# The 16-channel VAE of SD3 / SD3.5 (vae/config.json, 83.8 M parameters); FLUX.1's differs only in shift and scale.
+SD3_VAE_CONFIG = dict(
+    SD15_VAE_CONFIG,
+    latent_channels=16,
+    sample_size=1024,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    force_upcast=True,
+)
+FLUX_VAE_CONFIG = dict(SD3_VAE_CONFIG, scaling_factor=0.3611, shift_factor=0.1159)
+# google/t5-v1_1-xxl's encoder: text_encoder_3 of SD3 and text_encoder_2 of FLUX.1 (4762.3 M parameters)
+T5_XXL_CONFIG = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6,
+    "feed_forward_proj": "gated-gelu",
+    "tie_word_embeddings": False,
+}
+# scheduler/scheduler_config.json of SD3.5 and of FLUX.1-dev (which shifts by resolution at inference only).
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
+FLUX_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 # HPS v2 is open_clip's built-in "ViT-H-14" architecture; the LAION aesthetic predictor v2 an MLP at these
 # nn.Sequential indices (the gaps are dropout layers).
 HPSV2_OPEN_CLIP_ARCH = "ViT-H-14"
@@ -241,25 +312,45 @@ AESTHETIC_HEAD_INDICES = (0, 2, 4, 6, 7)
 
 @dataclasses.dataclass
 class ModelSpec:
-    sdxl: bool
+    family: str  # "sd", "sdxl", "sd3" or "flux"
     resolution: int
     warmup_steps: int
     steps: int
     full_size: bool
     label: str
+    quantize_base: Optional[str] = None  # --quantize_base of the flow-matching families
+
+    @property
+    def sdxl(self):
+        return self.family == "sdxl"
+
+    @property
+    def flow_matching(self):
+        return self.family in ("sd3", "flux")
 
 
 MODEL_SPECS = {
-    # The tiny assets of the test suite: the CPU smoke run.
-    "tiny": ModelSpec(sdxl=False, resolution=32, warmup_steps=1, steps=3, full_size=False, label="tiny SD"),
-    "tiny-sdxl": ModelSpec(sdxl=True, resolution=32, warmup_steps=1, steps=3, full_size=False, label="tiny SDXL"),
-    "sd15": ModelSpec(sdxl=False, resolution=512, warmup_steps=2, steps=6, full_size=True, label="SD1.5"),
-    "sdxl": ModelSpec(sdxl=True, resolution=1024, warmup_steps=1, steps=3, full_size=True, label="SDXL"),
+    # The tiny assets of the test suite: the CPU smoke runs.
+    "tiny": ModelSpec("sd", resolution=32, warmup_steps=1, steps=3, full_size=False, label="tiny SD"),
+    "tiny-sdxl": ModelSpec("sdxl", resolution=32, warmup_steps=1, steps=3, full_size=False, label="tiny SDXL"),
+    "tiny-sd3": ModelSpec("sd3", resolution=32, warmup_steps=1, steps=3, full_size=False, label="tiny SD3"),
+    "tiny-flux": ModelSpec("flux", resolution=32, warmup_steps=1, steps=3, full_size=False, label="tiny FLUX"),
+    "sd15": ModelSpec("sd", resolution=512, warmup_steps=2, steps=6, full_size=True, label="SD1.5"),
+    "sdxl": ModelSpec("sdxl", resolution=1024, warmup_steps=1, steps=3, full_size=True, label="SDXL"),
+    "sd35m": ModelSpec("sd3", resolution=1024, warmup_steps=1, steps=3, full_size=True, label="SD3.5-Medium"),
+    "flux": ModelSpec("flux", resolution=1024, warmup_steps=1, steps=3, full_size=True, label="FLUX.1-dev"),
+    "flux-nf4": ModelSpec(
+        "flux", resolution=1024, warmup_steps=1, steps=3, full_size=True, label="FLUX.1-dev NF4", quantize_base="nf4"
+    ),
 }
-# (model, resolution, pairs, gradient checkpointing, memory limit in GiB): the targets of the README.
+# (model, resolution, pairs, gradient checkpointing, memory limit in GiB): the targets of the README. The flow-matching
+# families run with cached text embeddings (the T5 encoder freed before training).
 MEMORY_TARGETS = (
     ("sd15", 512, 8, True, 16.0),
     ("sdxl", 1024, 1, None, 24.0),  # None: with or without checkpointing, whichever was measured (on first)
+    ("sd35m", 1024, 1, True, 24.0),
+    ("flux", 1024, 1, True, 48.0),
+    ("flux-nf4", 1024, 1, True, 24.0),
 )
 
 
@@ -273,7 +364,8 @@ def parse_args(input_args=None):
         nargs="+",
         default=["tiny"],
         choices=sorted(MODEL_SPECS),
-        help="tiny / tiny-sdxl: the tiny test assets (CPU); sd15 / sdxl: full-size architectures, random weights.",
+        help="tiny, tiny-sdxl, tiny-sd3, tiny-flux: the tiny test assets (CPU); sd15, sdxl, sd35m, flux, flux-nf4:"
+        " full-size architectures from their published configs, random weights (flux-nf4: its transformer in NF4).",
     )
     parser.add_argument("--pairs", type=int, nargs="+", default=[1, 4, 8], help="Pairs per training step.")
     parser.add_argument("--gradient_checkpointing", choices=["on", "off", "both"], default="both")
@@ -518,7 +610,8 @@ class Pipeline:
     family: object  # a training.ModelFamily holding the models
     accelerator: object
     params_to_optimize: list
-    text_encoders: list
+    text_encoders: list  # the ones the step runs (none once cached text embeddings freed them)
+    text_encoder_parameters_m: list = dataclasses.field(default_factory=list)
     scorer_set: object = None
     reward_config: Optional[str] = None
     scorers_on_device: bool = True
@@ -558,6 +651,10 @@ def configuration_args(
         argv.append("--offload_scorers")
     if spec.sdxl and options.sdxl_vae == "fp16-fix":
         argv += ["--pretrained_vae_model_name_or_path", "madebyollin/sdxl-vae-fp16-fix"]
+    if spec.flow_matching:
+        argv.append("--cache_text_embeddings")
+        if spec.quantize_base:
+            argv += ["--quantize_base", spec.quantize_base]
     if mode == "human":
         argv += ["--consensus", "human"]
     elif mode == "precomputed":
@@ -734,9 +831,56 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def build_flow_family(name, spec, family_class, args, device, weight_dtype, workdir, seed):
+    """The SD3.5-Medium or FLUX.1-dev family with random weights from the published configs, holding its models as
+    its `from_pretrained` would (frozen, in the weight dtype, the VAE in the dtype the family gives it). With
+    `spec.quantize_base` the transformer is written to `workdir` and loaded back through the family's own
+    `load_transformer` (diffusers' BitsAndBytesConfig), as the training script loads it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    def build(constructor, dtype=weight_dtype):
+        return _construct(constructor, device, dtype).requires_grad_(False)
+
+    torch.manual_seed(seed)
+    folder = os.path.join(workdir, name)
+    t5 = build(lambda: T5EncoderModel(T5Config(**T5_XXL_CONFIG)))
+    # A small T5 vocabulary stands in for T5's 32,128 pieces: its ids index the same embedding table.
+    t5_tokenizer = tiny_assets.write_t5_tokenizer(os.path.join(folder, "tokenizer_t5"))
+    clip_tokenizer = tiny_assets.write_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    if spec.family == "sd3":
+        vae_config, scheduler_config = SD3_VAE_CONFIG, SD3_SCHEDULER_CONFIG
+        transformer_class, transformer_config = SD3Transformer2DModel, SD35M_TRANSFORMER_CONFIG
+        text_encoders = [
+            build(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))),
+            build(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))),
+            t5,
+        ]
+        clip_g_tokenizer = tiny_assets.write_clip_tokenizer(os.path.join(folder, "tokenizer_2"), pad_token="!")
+        tokenizers = [clip_tokenizer, clip_g_tokenizer, t5_tokenizer]
+    else:
+        vae_config, scheduler_config = FLUX_VAE_CONFIG, FLUX_SCHEDULER_CONFIG
+        transformer_class, transformer_config = FluxTransformer2DModel, FLUX_DEV_TRANSFORMER_CONFIG
+        text_encoders = [build(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))), t5]
+        tokenizers = [clip_tokenizer, t5_tokenizer]
+    vae = build(lambda: AutoencoderKL(**vae_config), dtype=family_class.vae_dtype(vae_config, weight_dtype))
+    transformer = build(lambda: transformer_class(**transformer_config))
+    if spec.quantize_base:
+        transformer.save_pretrained(os.path.join(folder, "transformer"))
+        del transformer
+        free_memory(device)
+        load_args = argparse.Namespace(**vars(args))
+        load_args.pretrained_model_name_or_path = folder
+        transformer = family_class.load_transformer(load_args, device, weight_dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(**scheduler_config)
+    return family_class(args, transformer, vae, text_encoders, tokenizers, scheduler, weight_dtype)
+
+
 def build_pipeline(name, options, accelerator, device, workdir):
     """Builds the models of `name` as the family's `from_pretrained` would and adds the LoRA as `training.train` does."""
     spec = MODEL_SPECS[name]
+    if spec.flow_matching:
+        return build_flow_pipeline(name, spec, options, accelerator, device, workdir)
     if spec.sdxl:
         from train_balanced_dpo_sdxl import StableDiffusionXLFamily as family_class
     else:
@@ -790,6 +934,71 @@ def build_pipeline(name, options, accelerator, device, workdir):
         accelerator=accelerator,
         params_to_optimize=params_to_optimize,
         text_encoders=list(text_encoders),
+        text_encoder_parameters_m=[round(count_parameters(e) / 1e6, 2) for e in text_encoders],
+        scorer_set=scorer_set,
+        reward_config=reward_config,
+    )
+
+
+def build_flow_pipeline(name, spec, options, accelerator, device, workdir):
+    """SD3 / FLUX: the family built (full size) or loaded from the tiny assets by its own `from_pretrained`, the LoRA
+    added, then `family.prepare` with the benchmark's captions: with --cache_text_embeddings it encodes them once and
+    frees the text encoders, T5 included, as in training."""
+    import datasets
+
+    if spec.family == "sd3":
+        from train_balanced_dpo_sd3 import StableDiffusion3Family as family_class
+    else:
+        from train_balanced_dpo_flux import FluxFamily as family_class
+    resolution = options.resolution or spec.resolution
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[options.mixed_precision]
+    scorer_dtype = rewards.default_scorer_dtype(device)
+    need_scorers = any(m.startswith("live") for m in options.modes)
+    args, plan = configuration_args(family_class, spec, resolution, "human", 1, False, options)
+    reward_config = None
+    if spec.full_size:
+        family = build_flow_family(name, spec, family_class, args, device, weight_dtype, workdir, options.seed)
+        scorer_set = (
+            build_full_size_scorers(device, scorer_dtype, workdir, options.seed, options.offload_scorers)
+            if need_scorers
+            else None
+        )
+    else:
+        assets = {
+            "sd3": tiny_assets.build_tiny_sd3_pipeline,
+            "flux": tiny_assets.build_tiny_flux_pipeline,
+        }[spec.family](os.path.join(workdir, "tiny_assets", spec.family), seed=options.seed)
+        tiny_assets.build_tiny_scorers(os.path.join(workdir, "tiny_assets", "scorers"), seed=options.seed)
+        reward_config = os.path.join(workdir, "tiny_assets", "scorers", "reward_config.json")
+        load_args = argparse.Namespace(**vars(args))
+        load_args.pretrained_model_name_or_path = assets
+        family = family_class.from_pretrained(load_args, device, weight_dtype)
+        family.args = args
+        scorer_set = None
+        if need_scorers:
+            scorer_set = rewards.build_scorers(
+                list(LIVE_METRICS),
+                config=reward_config,
+                device=device,
+                dtype=scorer_dtype,
+                offload=options.offload_scorers,
+            )
+    text_encoder_parameters_m = [round(count_parameters(e) / 1e6, 2) for e in family.text_encoders]
+    params_to_optimize, _ = training.add_lora(args, plan, family, accelerator)
+    captions = [benchmark_caption(i) for i in range(max(options.pairs))]
+    family.prepare(datasets.Dataset.from_dict({"caption": captions}), streaming=False)
+    free_memory(device)
+    family.denoiser.train()
+    return Pipeline(
+        name=name,
+        spec=spec,
+        resolution=resolution,
+        family_class=family_class,
+        family=family,
+        accelerator=accelerator,
+        params_to_optimize=params_to_optimize,
+        text_encoders=list(family.text_encoders or []),
+        text_encoder_parameters_m=text_encoder_parameters_m,
         scorer_set=scorer_set,
         reward_config=reward_config,
     )
@@ -818,12 +1027,16 @@ def describe_pipeline(pipeline, options):
         "unet_parameters_m": round(sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n) / 1e6, 2),
         "lora_parameters_m": round(sum(p.numel() for p in pipeline.params_to_optimize) / 1e6, 3),
         "vae_parameters_m": round(count_parameters(pipeline.vae) / 1e6, 2),
-        "text_encoder_parameters_m": [round(count_parameters(e) / 1e6, 2) for e in pipeline.text_encoders],
+        "text_encoder_parameters_m": pipeline.text_encoder_parameters_m,
         "attention_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
         "reference_switch_cpu_ms": reference_switch_ms(unet),
     }
     if pipeline.spec.sdxl:
         info["sdxl_vae"] = options.sdxl_vae
+    if pipeline.spec.flow_matching:
+        info["cached_text_embeddings"] = pipeline.family.prompt_embeddings.cached
+        info["text_encoders_freed"] = pipeline.family.text_encoders is None
+        info["quantize_base"] = pipeline.spec.quantize_base
     if pipeline.scorer_set is not None:
         seen, scorer_params = set(), {}
         for name, scorer in pipeline.scorer_set.scorers.items():
@@ -855,14 +1068,19 @@ def _jpeg(image):
     return buffer.getvalue()
 
 
+def benchmark_caption(i):
+    color, shape, background = _CONTENT[i % len(_CONTENT)]
+    return f"a {color} {shape} on a {background} background, picture {i}"
+
+
 def make_rows(num_pairs, image_size, seed=0):
-    """Pick-a-Pic-layout rows at `image_size` px with a distinct prompt per pair, no human ties (every mode trains on
-    every pair) and precomputed consensus columns."""
+    """Pick-a-Pic-layout rows at `image_size` px with a distinct prompt per pair (`benchmark_caption`), no human ties
+    (every mode trains on every pair) and precomputed consensus columns."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(num_pairs):
         color, shape, background = _CONTENT[i % len(_CONTENT)]
-        caption = f"a {color} {shape} on a {background} background, picture {i}"
+        caption = benchmark_caption(i)
         image_0 = tiny_assets.draw_shape_image(color, shape, background, size=image_size, noise=0.1, rng=rng)
         image_1 = tiny_assets.draw_shape_image(
             color, shape, background, size=image_size, scale=0.3, offset=(0.2, -0.2), noise=0.1, rng=rng
@@ -1118,6 +1336,8 @@ def memory_target_lines(results, device):
         what = f"{MODEL_SPECS[model].label} {resolution} px, {pairs} pair{'s' if pairs > 1 else ''}"
         if checkpointing:
             what += ", gradient checkpointing"
+        if MODEL_SPECS[model].flow_matching:
+            what += ", cached text embeddings"
 
         def measured(mode):
             runs = [

@@ -83,7 +83,7 @@ def test_benchmark_on_tiny_assets_reports_every_mode(tmp_path):
             assert r["step_time_vs_human"] == 1.0
         else:
             assert r["step_time_vs_human"] > 0
-    assert len(report["memory_targets"]) == 2
+    assert len(report["memory_targets"]) == len(load_benchmark_module().MEMORY_TARGETS)
 
 
 def test_full_size_configs_have_the_published_parameter_counts():
@@ -110,3 +110,75 @@ def test_full_size_configs_have_the_published_parameter_counts():
     assert millions(lambda: open_clip.create_model(bench.HPSV2_OPEN_CLIP_ARCH, device=meta)) == 986.11
     head = bench._aesthetic_head_state(0)
     assert sum(v.numel() for v in head.values()) == 927_969  # LAION aesthetic predictor v2: 768-1024-128-64-16-1
+
+
+def test_flow_matching_benchmarks_on_tiny_assets_time_the_training_step(tmp_path):
+    """SD3 and FLUX through the same step code, in-process: the text encoders are freed by the cached embeddings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    bench = load_benchmark_module()
+    threads = torch.get_num_threads()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        report = bench.main(
+            bench.parse_args(
+                ["--model", "tiny-sd3", "tiny-flux", "--pairs", "1", "--gradient_checkpointing", "on",
+                 "--modes", "human", "live", "--warmup_steps", "1", "--steps", "1", "--num_threads", "1",
+                 "--device", "cpu", "--json", str(tmp_path / "flow.json")]
+            )
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert [(r["model"], r["mode"], r["status"]) for r in report["results"]] == [
+        (model, mode, "ok") for model in ("tiny-sd3", "tiny-flux") for mode in ("human", "live")
+    ]
+    for info in report["models"]:
+        assert info["cached_text_embeddings"] and info["text_encoders_freed"]
+        assert len(info["text_encoder_parameters_m"]) == (3 if info["model"] == "tiny-sd3" else 2)
+    for r in report["results"]:
+        breakdown = r["breakdown_ms"]
+        for phase in ("vae_encode", "unet_forward", "reference_forward", "unet_backward", "optimizer"):
+            assert breakdown[phase] > 0, (phase, r)
+        assert breakdown["text_encode"] == 0  # cached: no text encoder runs in the step
+        assert (r["scoring_share"] > 0) == (r["mode"] == "live")
+
+
+def test_flow_matching_full_size_configs_are_the_published_architectures(tmp_path):
+    """SD3.5-Medium's and FLUX.1-dev's transformers, their VAE and T5-XXL, built on the meta device (no memory), and
+    the families the benchmark assembles from them."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    bench = load_benchmark_module()
+    meta = torch.device("meta")
+
+    def millions(module):
+        return round(sum(p.numel() for p in module.parameters()) / 1e6, 2)
+
+    def build(constructor):
+        return millions(bench._construct(constructor, meta, torch.bfloat16))
+
+    assert build(lambda: SD3Transformer2DModel(**bench.SD35M_TRANSFORMER_CONFIG)) == 2243.17
+    assert build(lambda: FluxTransformer2DModel(**bench.FLUX_DEV_TRANSFORMER_CONFIG)) == 11901.41
+    assert build(lambda: T5EncoderModel(T5Config(**bench.T5_XXL_CONFIG))) == 4762.31
+    assert build(lambda: AutoencoderKL(**bench.SD3_VAE_CONFIG)) == build(
+        lambda: AutoencoderKL(**bench.FLUX_VAE_CONFIG)
+    )
+
+    import train_balanced_dpo_flux
+    import train_balanced_dpo_sd3
+
+    options = bench.parse_args(["--mixed_precision", "bf16", "--device", "cpu"])
+    for name, family_class in (("sd35m", train_balanced_dpo_sd3.StableDiffusion3Family),
+                               ("flux", train_balanced_dpo_flux.FluxFamily)):  # fmt: skip
+        spec = bench.MODEL_SPECS[name]
+        args, _ = bench.configuration_args(family_class, spec, spec.resolution, "human", 1, True, options)
+        family = bench.build_flow_family(name, spec, family_class, args, meta, torch.bfloat16, str(tmp_path), 0)
+        assert isinstance(family, family_class) and family.denoiser.dtype == torch.bfloat16
+        # Cached text embeddings; T5 tokens as in training (SD3: 77, FLUX.1-dev: 512).
+        assert family.prompt_embeddings.cached and family.max_sequence_length == (77 if name == "sd35m" else 512)
+        encoders = [millions(e) for e in family.text_encoders]
+        assert encoders == ([123.65, 694.66, 4762.31] if name == "sd35m" else [123.06, 4762.31])
