@@ -344,7 +344,7 @@ def test_label_resumes_after_a_kill_and_equals_an_uninterrupted_run(tiny_assets_
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     expected = label(straight)
 
-    original_flush = cli._ShardWriter._flush
+    original_flush = cli.ShardWriter._flush
     flushes = []
 
     def flush_then_die(self, rows):
@@ -353,12 +353,12 @@ def test_label_resumes_after_a_kill_and_equals_an_uninterrupted_run(tiny_assets_
         flushes.append(len(rows))
         original_flush(self, rows)
 
-    cli._ShardWriter._flush = flush_then_die
+    cli.ShardWriter._flush = flush_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
             label(killed)
     finally:
-        cli._ShardWriter._flush = original_flush
+        cli.ShardWriter._flush = original_flush
     written = sorted(glob.glob(os.path.join(killed, "data", "*")))
     assert len(written) == 2 and all(p.endswith(".parquet.tmp") for p in written)
 
