@@ -279,7 +279,7 @@ def main(args):
         "shards": [],
         "counts": {"prompts": 0, "images": 0, "candidates": 0, "pairs": 0, "kept": 0},
         "agreement_sum": 0.0,
-        "score_sums": {m: 0.0 for m in names},
+        "score_sums": dict.fromkeys(names, 0.0),
         "generation_seconds": 0.0,
         "preview": [],
     }

@@ -21,7 +21,6 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from launch_utils import launch, read_scalars
 
 
