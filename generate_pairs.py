@@ -135,6 +135,11 @@ def parse_args(input_args=None):
             parser.error(f"--{name} must be >= 1.")
     if args.resume and args.overwrite:
         parser.error("Give --resume or --overwrite, not both.")
+    if args.scheduler is not None:
+        import diffusers
+
+        if not hasattr(getattr(diffusers, args.scheduler, None), "from_config"):
+            parser.error(f"--scheduler {args.scheduler!r} is not a diffusers scheduler class (e.g. DDIMScheduler).")
     return args
 
 

@@ -150,6 +150,8 @@ def test_resume_after_a_kill_writes_what_an_uninterrupted_run_writes(tiny_assets
         cli.ShardWriter._flush = original_flush
     with pytest.raises(SystemExit, match="--resume"):  # finished work is never replaced by accident
         generate(tiny_assets_dir, prompt_file, killed)
+    with pytest.raises(SystemExit):  # a bad argument stops before any model is loaded
+        generate(tiny_assets_dir, prompt_file, killed, "--resume", "--scheduler", "NoSuchScheduler")
     with pytest.raises(SystemExit, match="num_inference_steps"):
         generate(tiny_assets_dir, prompt_file, killed, "--resume", "--num_inference_steps", "3")
 
