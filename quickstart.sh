@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Copyright 2026 The BalancedDPO authors. Licensed under the Apache License, Version 2.0 (see LICENSE).
 # A real BalancedDPO training run on tiny local models and data, with the four default scorers on the fly.
 # Installs the requirements into .venv, builds the tiny assets offline, trains through `accelerate launch`.
 set -euo pipefail

@@ -347,7 +347,31 @@ def _precomputed_columns(names):
     return [f"score_{m}_{i}" for m in names for i in (0, 1)]
 
 
-class _ShardWriter:
+def consensus_columns(scores_0, scores_1, label, prob, keep, agreement):
+    """The columns `rewards.py label` (and `generate_pairs.py`) write for one pair: `score_<metric>_0/1`,
+    `consensus_label` and `consensus_prob` (NaN when the pair is dropped, so a reader that only looks at the label
+    cannot train on it), `agreement` and `consensus_keep`; what `--precomputed_consensus` reads."""
+    row = {}
+    for m in scores_0:
+        row[f"score_{m}_0"], row[f"score_{m}_1"] = float(scores_0[m]), float(scores_1[m])
+    row["consensus_label"] = float(label) if keep else float("nan")
+    row["consensus_prob"] = float(prob) if keep else float("nan")
+    row["agreement"] = float(agreement)
+    row["consensus_keep"] = bool(keep)
+    return row
+
+
+def consensus_features(names):
+    """`datasets` features of `consensus_columns`."""
+    import datasets
+
+    features = {column: datasets.Value("float32") for column in _precomputed_columns(names)}
+    features.update({c: datasets.Value("float32") for c in ("consensus_label", "consensus_prob", "agreement")})
+    features["consensus_keep"] = datasets.Value("bool")
+    return features
+
+
+class ShardWriter:
     """Writes rows to `<output_dir>/data/<split>-NNNNN-of-MMMMM.parquet` so `datasets.load_dataset(output_dir)` reads
     them back as split `<split>`.
 
@@ -462,9 +486,7 @@ def _output_features(dataset, names):
     for column, feature in features.items():
         if isinstance(feature, datasets.Image):
             features[column] = datasets.Image()
-    for column in _precomputed_columns(names) + ["consensus_label", "consensus_prob", "agreement"]:
-        features[column] = datasets.Value("float32")
-    features["consensus_keep"] = datasets.Value("bool")
+    features.update(consensus_features(names))
     return features
 
 
@@ -507,7 +529,7 @@ def cmd_label(args):
     )
     labeler = ConsensusLabeler.from_args(args, scorers.temperatures, scorers.weights)
     progress_state = _read_label_progress(args)
-    writer = _ShardWriter(
+    writer = ShardWriter(
         args.output_dir,
         args.split,
         args.rows_per_shard,
@@ -560,14 +582,16 @@ def cmd_label(args):
         out_rows = []
         for i, row in enumerate(rows):
             row = dict(row)
-            for m in scorers.names:
-                row[f"score_{m}_0"], row[f"score_{m}_1"] = float(scores_0[m][i]), float(scores_1[m][i])
-            keep = bool(result.keep[i])
-            # Dropped pairs carry NaN labels, so a reader that only looks at the label cannot train on them.
-            row["consensus_label"] = float(result.label[i]) if keep else float("nan")
-            row["consensus_prob"] = float(result.prob[i]) if keep else float("nan")
-            row["agreement"] = float(result.agreement[i])
-            row["consensus_keep"] = keep
+            row.update(
+                consensus_columns(
+                    {m: float(scores_0[m][i]) for m in scorers.names},
+                    {m: float(scores_1[m][i]) for m in scorers.names},
+                    float(result.label[i]),
+                    float(result.prob[i]),
+                    bool(result.keep[i]),
+                    float(result.agreement[i]),
+                )
+            )
             out_rows.append(row)
         counts["rows"] += len(rows)
         counts["kept"] += result.num_kept

@@ -1,3 +1,16 @@
+# Copyright 2026 The BalancedDPO authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """Robustness of both training scripts and `rewards.py label`: bad data, non-finite values, interruptions, atomic
 checkpoints, argument errors, unsafe pickles and many processes. Offline, on the CPU, with tiny models and data."""
 
@@ -344,7 +357,7 @@ def test_label_resumes_after_a_kill_and_equals_an_uninterrupted_run(tiny_assets_
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     expected = label(straight)
 
-    original_flush = cli._ShardWriter._flush
+    original_flush = cli.ShardWriter._flush
     flushes = []
 
     def flush_then_die(self, rows):
@@ -353,12 +366,12 @@ def test_label_resumes_after_a_kill_and_equals_an_uninterrupted_run(tiny_assets_
         flushes.append(len(rows))
         original_flush(self, rows)
 
-    cli._ShardWriter._flush = flush_then_die
+    cli.ShardWriter._flush = flush_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
             label(killed)
     finally:
-        cli._ShardWriter._flush = original_flush
+        cli.ShardWriter._flush = original_flush
     written = sorted(glob.glob(os.path.join(killed, "data", "*")))
     assert len(written) == 2 and all(p.endswith(".parquet.tmp") for p in written)
 
