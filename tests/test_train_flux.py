@@ -387,6 +387,39 @@ def test_nf4_base_without_a_gpu_is_an_argument_error_naming_the_fix(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' 4-bit quantization needs a GPU")
+def test_nf4_base_trains_a_lora_that_loads_into_the_unquantized_pipeline(tiny_flow_assets, tmp_path):
+    import bitsandbytes as bnb
+
+    import train_balanced_dpo_flux
+
+    output_dir = str(tmp_path / "out")
+    seen = {}
+    load_transformer = train_balanced_dpo_flux.FluxFamily.load_transformer.__func__
+
+    def recording_load(cls, *a, **k):
+        transformer = load_transformer(cls, *a, **k)
+        seen["4bit"] = any(isinstance(m, bnb.nn.Linear4bit) for m in transformer.modules())
+        return transformer
+
+    argv = base_args(
+        tiny_flow_assets["flux"], tiny_flow_assets, output_dir, "--reward_models", "clip,aesthetic",
+        "--quantize_base", "nf4", "--mixed_precision", "bf16", "--max_train_steps", "2", "--report_to", "none",
+        "--validation_prompts", PROMPT, "--validation_inference_steps", "2",
+    )  # fmt: skip
+    train_balanced_dpo_flux.FluxFamily.load_transformer = classmethod(recording_load)
+    try:
+        run_script(train_balanced_dpo_flux, argv)
+    finally:
+        train_balanced_dpo_flux.FluxFamily.load_transformer = classmethod(load_transformer)
+    assert seen["4bit"], "the base transformer was not quantized"
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flow_assets["flux"], vae=None)
+    pipe.load_lora_weights(output_dir, weight_name=LORA_NAME)
+    assert_peft_lora_of(output_dir, pipe.transformer)
+
+
 def test_nf4_base_loads_the_transformer_through_diffusers_bitsandbytes_config(monkeypatch):
     """What `--quantize_base nf4` asks of diffusers (the 4-bit quantization itself needs a GPU)."""
     import peft
