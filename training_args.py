@@ -167,10 +167,12 @@ def parse_args(family, input_args=None):
     group.add_argument(
         "--online_ref_update",
         type=str,
-        default="round",
-        choices=["round", "none"],
-        help="round: at the end of every round the reference follows the policy that generated it (as iterative"
-        " DPO; --ref_update_mode copy or ema); none: only --ref_update_steps moves it.",
+        default="none",
+        choices=["none", "round"],
+        help="none: the reference stays the base model (or moves every --ref_update_steps); round: at the end of"
+        " every round it follows the policy that generated the round (iterative DPO; --ref_update_mode copy or"
+        " ema). none is the default: in the synthetic experiment, following the policy every round removed the"
+        " anchor and lost the metrics the base model was good at (docs/synthetic_experiment.md).",
     )
     # Consensus
     group = parser.add_argument_group("consensus")

@@ -133,6 +133,10 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--online_round_prompts", type=int, default=None, help="Prompts per online round (default: 4 steps' worth)."
     )
+    parser.add_argument(
+        "--online_ref_update", type=str, default="none", choices=["none", "round"],
+        help="Whether the reference follows the policy at round ends (the trainers' --online_ref_update).",
+    )  # fmt: skip
     group = parser.add_argument_group("base model (defaults: full run; --quick shrinks them)")
     group.add_argument("--resolution", type=int, default=32, help="Image size.")
     group.add_argument("--num_train_images", type=int, default=None)
@@ -518,6 +522,7 @@ def training_command(args, mode, model_dir, pairs_dir, lora_dir):
             "--online_guidance_scale", str(args.guidance_scale),
             "--online_scheduler", args.scheduler,
             "--online_generation_batch_size", str(args.batch_size),
+            "--online_ref_update", args.online_ref_update,
         ]  # fmt: skip
     else:
         consensus = full_mode(mode)

@@ -13,6 +13,7 @@
 # limitations under the License.
 """Online BalancedDPO (`--online_prompts`): the policy generates its own pairs, round after round."""
 
+import math
 import os
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def prompt_file(tmp_path_factory):
 
 
 def online_args(assets, prompts, output_dir, *extra):
-    # Rounds of 4 prompts x 2 images, one pair per prompt: 4 optimizer steps of one pair per round.
+    # Rounds of 4 prompts x 2 images, one pair per prompt: 4 optimizer steps of one pair per round. The reference
+    # follows the policy at round ends (--online_ref_update round), so resuming must also restore the reference.
     return [
         "--pretrained_model_name_or_path", assets["sd"],
         "--online_prompts", prompts,
@@ -62,6 +64,7 @@ def online_args(assets, prompts, output_dir, *extra):
         "--online_images_per_prompt", "2",
         "--online_num_inference_steps", "2",
         "--online_generation_batch_size", "4",
+        "--online_ref_update", "round",
         "--report_to", "tensorboard",
         *extra,
     ]  # fmt: skip
@@ -107,6 +110,10 @@ def test_online_run_trains_on_its_own_samples_and_writes_a_lora_that_changes_the
                  "online/score/clip", "online/score/aesthetic"):  # fmt: skip
         assert name in scalars, sorted(scalars)
     assert [step for step, _ in scalars["loss"]] == list(range(1, 7))
+    # The first step of round 1 (step 5) compares the policy with itself: the reference followed it at the round end.
+    loss = dict(scalars["loss"])
+    assert loss[5] == pytest.approx(math.log(2), abs=1e-6)
+    assert any(abs(loss[step] - math.log(2)) > 1e-4 for step in (2, 3, 4))
     card = open(os.path.join(straight_run, "README.md")).read()
     assert "generated online" in card
 
