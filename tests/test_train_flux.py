@@ -352,12 +352,12 @@ def test_two_processes_train_online_on_pairs_they_generate_with_cached_embedding
     output_dir = str(tmp_path / "out")
     args = base_args(tiny_flow_assets["flux"], tiny_flow_assets, output_dir, "--reward_models", "clip,aesthetic")
     # Rounds of 4 prompts x 2 images (each process samples 2 prompts), one pair per prompt, one pair per process and
-    # step: 2 optimizer steps per round; the reference follows the policy at each round's end.
+    # step: 2 optimizer steps per round; the reference follows the policy at each round's end (iterative DPO).
     del args[args.index("--dataset_name") : args.index("--dataset_name") + 2]
     args += [
         "--online_prompts", str(prompts), "--online_round_prompts", "4", "--online_images_per_prompt", "2",
         "--online_num_inference_steps", "2", "--train_batch_size", "1", "--max_train_steps", "3",
-        "--checkpointing_steps", "2", "--cache_text_embeddings",
+        "--checkpointing_steps", "2", "--cache_text_embeddings", "--online_ref_update", "round",
     ]  # fmt: skip
     result = torchrun(SCRIPT, args)
     assert result.returncode == 0, result.stderr[-8000:]
