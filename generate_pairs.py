@@ -60,7 +60,7 @@ _RUN_KEYS = (
     "prompt_column", "prompt_split", "max_prompts", "images_per_prompt", "seed", "num_inference_steps",
     "guidance_scale", "scheduler", "resolution", "mixed_precision", "reward_models", "scorer_dtype", "consensus",
     "tie_policy", "abstain_margin", "min_agreement", "normalize_warmup_pairs", "pair_selection", "prompts_per_shard",
-    "image_format",
+    "image_format", "max_sequence_length",
 )  # fmt: skip
 
 
@@ -96,7 +96,10 @@ def parse_args(input_args=None):
     group.add_argument("--resolution", type=int, default=None, help="Default: the model's native resolution.")
     group.add_argument("--batch_size", type=int, default=8, help="Images per pipeline call.")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Pipeline weights dtype (default: fp16 on CUDA, no on the CPU).")  # fmt: skip
+                       help="Pipeline weights dtype (default on CUDA: bf16 for SD3 / FLUX.1, fp16 for the others;"
+                       " no on the CPU).")  # fmt: skip
+    group.add_argument("--max_sequence_length", type=int, default=None,
+                       help="T5 tokens of the prompts of SD3 / FLUX.1 pipelines (default: the pipeline's).")  # fmt: skip
     group.add_argument("--device", type=str, default=None, help="Default: cuda when available.")
     group = parser.add_argument_group("scoring and pairs")
     group.add_argument("--reward_models", type=str, default=",".join(rewards.DEFAULT_REWARD_MODELS))
@@ -254,7 +257,12 @@ def main(args):
     )
     names = [m.strip() for m in args.reward_models.split(",") if m.strip()]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    mixed_precision = args.mixed_precision or ("fp16" if torch.device(device).type == "cuda" else "no")
+    family = evaluate_balanced_dpo.detect_model_family(args.pretrained_model_name_or_path, args.revision)
+    if args.max_sequence_length is not None and family not in ("sd3", "flux"):
+        raise SystemExit("error: --max_sequence_length is for SD3 and FLUX.1 pipelines (their T5 prompts).")
+    # SD3 and FLUX.1 were released in bf16; fp16 overflows in their T5 encoder.
+    cuda_dtype = "bf16" if family in ("sd3", "flux") else "fp16"
+    mixed_precision = args.mixed_precision or (cuda_dtype if torch.device(device).type == "cuda" else "no")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     rewards.ConsensusLabeler.from_args(argparse.Namespace(human_vote=False, **vars(args)))  # a bad mode fails now
     os.makedirs(args.output_dir, exist_ok=True)
@@ -271,6 +279,8 @@ def main(args):
         pipeline.load_lora_weights(path, weight_name=weight_name)
     defaults = evaluate_balanced_dpo.pipeline_defaults(args.pretrained_model_name_or_path, args.revision)
     call_kwargs = {"num_inference_steps": args.num_inference_steps, "output_type": "pil"}
+    if args.max_sequence_length is not None:
+        call_kwargs["max_sequence_length"] = args.max_sequence_length
     if args.guidance_scale is not None:
         call_kwargs["guidance_scale"] = args.guidance_scale
     resolution = args.resolution or defaults["resolution"]

@@ -184,3 +184,40 @@ def test_generated_pairs_train(tiny_assets_dir, straight, tmp_path, precomputed)
     scalars = read_scalars(output_dir)
     assert [step for step, _ in scalars["pairs"]] == [1, 2]
     assert sum(v for _, v in scalars["pairs"]) > 0
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny transformers: a second torch thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_matching_pipelines_generate_pairs(tiny_flow_assets, prompt_file, tmp_path, family, one_thread):
+    import generate_pairs
+
+    output_dir = tmp_path / family
+
+    args = generate_pairs.parse_args(
+        [
+            "--pretrained_model_name_or_path", tiny_flow_assets[family],
+            "--prompts", prompt_file,
+            "--max_prompts", "2",
+            "--images_per_prompt", "2",
+            "--reward_config", tiny_flow_assets["reward_config"],
+            "--reward_models", "clip,aesthetic",
+            "--output_dir", str(output_dir),
+            "--num_inference_steps", "1",
+            "--resolution", "32",
+            "--max_sequence_length", "16",
+            "--device", "cpu",
+        ]
+    )  # fmt: skip
+    summary = generate_pairs.main(args)
+    rows = read_rows(output_dir)
+    assert [row["caption"] for row in rows] == PROMPTS[:2] and summary["images"] == 4
+    assert summary["settings"]["max_sequence_length"] == 16
+    assert all(row["jpg_0"] != row["jpg_1"] for row in rows)  # two seeds, two images
