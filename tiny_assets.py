@@ -104,7 +104,7 @@ def write_t5_tokenizer(output_dir, vocab_size=160, model_max_length=512):
     `<unk>` 2), trained with the `tokenizers` library on caption-like text; `T5TokenizerFast.from_pretrained` loads
     it. The training is deterministic, so every build gives the same vocabulary.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import T5TokenizerFast
 
     words = _T5_CORPUS_WORDS.split()
@@ -118,8 +118,20 @@ def write_t5_tokenizer(output_dir, vocab_size=160, model_max_length=512):
         vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
     )
     unigram.train_from_iterator(corpus, trainer)
-    vocab = [tuple(piece) for piece in json.loads(unigram.to_str())["model"]["vocab"]]
-    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    # T5 appends </s> and decodes the metaspace; the whole pipeline is built here, so that transformers 4.x (which
+    # cannot make a fast T5 tokenizer from a bare vocabulary) and 5.x load the same tokenizer.json.
+    unigram.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    unigram.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=unigram,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
     os.makedirs(output_dir, exist_ok=True)
     tokenizer.save_pretrained(output_dir)
     return tokenizer
