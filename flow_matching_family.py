@@ -22,15 +22,13 @@ the pipeline call); this module holds what the two have in common:
   `--max_sequence_length`, `--cache_text_embeddings`, `--text_embeddings_cache_size`, `--quantize_base`) and their
   checks, loading (an NF4 base through diffusers' bitsandbytes integration), the noise
   (`balanced_dpo.flow_matching_noised_pairs`) and validation / sampling pipelines.
-- `PromptEmbeddings`: captions -> the family's text conditioning, optionally cached per caption so that the text
-  encoders (the T5-XXL encoder alone is about 9.5 GB in bf16) can be freed before training.
-- `PromptEmbeddingPipeline`: a pipeline whose prompts are turned into embeddings by `PromptEmbeddings`, so that
+- `PromptEmbeddingPipeline`: a pipeline whose prompts are turned into embeddings by the family's
+  `text_embeddings.PromptEmbeddings` (the caption cache SDXL uses too), so that
   validation and sampling condition exactly as training does, with or without the text encoders.
 """
 
 import gc
 import time
-from collections import OrderedDict
 
 import torch
 from accelerate.logging import get_logger
@@ -38,11 +36,11 @@ from accelerate.logging import get_logger
 import balanced_dpo
 import training
 import training_args
+from text_embeddings import PromptEmbeddings
 
 
 logger = get_logger(__name__)
 
-TEXT_ENCODE_BATCH_SIZE = 32
 # T5's relative attention works for any length, but diffusers' SD3 and FLUX pipelines refuse more than 512 tokens.
 MAX_T5_SEQUENCE_LENGTH = 512
 QUANTIZE_BASE_CHOICES = ("nf4",)
@@ -74,118 +72,6 @@ def check_nf4_supported():
 # ----------------------------------------------------------------------------------------------------------------
 # Text conditioning, optionally cached per caption
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class PromptEmbeddings:
-    """Captions -> a family's text conditioning: a tuple of tensors with one row per caption (SD3 and FLUX:
-    `(prompt_embeds, pooled_prompt_embeds)`), on the training device.
-
-    `tokenize` (`list[str] -> dict[str, Tensor]`) is what the DataLoader workers run (the collator's `tokenize_fn`);
-    `encode` (`dict[str, Tensor] -> tuple[Tensor, ...]`) runs the text encoders. Without a cache, the token ids of
-    each batch are encoded at every micro-step. With `cache=True` every distinct caption is encoded once and kept in
-    CPU memory (in the encoders' dtype), keyed by its text; `max_entries` bounds the cache (the least recently used
-    caption goes first). `precompute` fills the cache up front, after which `release_text_encoders` drops the
-    encoders: from then on a caption that is not cached is an error.
-    """
-
-    def __init__(self, tokenize, encode, device, cache=False, max_entries=None):
-        self.tokenize = tokenize
-        self.encode = encode
-        self.device = device
-        self.cache = OrderedDict() if cache else None
-        self.max_entries = max_entries
-
-    @property
-    def cached(self):
-        return self.cache is not None
-
-    @property
-    def released(self):
-        """True once the text encoders were freed: only cached captions can be looked up."""
-        return self.encode is None
-
-    @torch.no_grad()
-    def encode_captions(self, captions):
-        """Embeddings of `captions` from the text encoders, on the training device (no cache involved)."""
-        if self.released:
-            shown = ", ".join(repr(c) for c in list(captions)[:3])
-            raise RuntimeError(
-                f"Captions {shown} are not in the text-embedding cache and the text encoders were freed after"
-                " --cache_text_embeddings encoded the dataset's captions and the validation prompts. Sample or"
-                " validate with those prompts, or train without --cache_text_embeddings."
-            )
-        return tuple(e.to(self.device) for e in self.encode(self.tokenize(list(captions))))
-
-    def precompute(self, captions, batch_size=TEXT_ENCODE_BATCH_SIZE, max_bytes=None):
-        """Encodes every distinct caption of `captions` that is not cached yet; returns how many were encoded.
-
-        With `max_bytes`, stops with a ValueError as soon as the first batch shows that the whole cache would need
-        more host memory than that."""
-        todo = [c for c in dict.fromkeys(captions) if c not in self.cache]
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            stored = self._store(chunk, self.encode_captions(chunk))
-            if start == 0 and max_bytes is not None:
-                per_caption = sum(e.numel() * e.element_size() for e in next(iter(stored.values())))
-                needed = per_caption * (len(todo) + len(self.cache) - len(stored))
-                if needed > max_bytes:
-                    raise ValueError(
-                        f"--cache_text_embeddings would need {needed / 2**30:.1f} GiB of host memory for"
-                        f" {len(todo)} distinct captions ({per_caption / 2**20:.2f} MiB each), more than the"
-                        f" {max_bytes / 2**30:.1f} GiB it may take on this machine. Lower --max_sequence_length, train"
-                        " on fewer rows (--max_train_samples), bound the cache with --text_embeddings_cache_size N (the"
-                        " text encoders then stay loaded), or drop --cache_text_embeddings."
-                    )
-        return len(todo)
-
-    def _store(self, captions, embeddings):
-        # One clone per caption, so that an evicted entry does not keep its whole batch alive.
-        rows = zip(*(e.detach().cpu() for e in embeddings))
-        entries = {caption: tuple(t.clone() for t in row) for caption, row in zip(captions, rows)}
-        for caption, entry in entries.items():
-            self.cache[caption] = entry
-            self.cache.move_to_end(caption)
-        if self.max_entries is not None:
-            while len(self.cache) > self.max_entries:
-                self.cache.popitem(last=False)
-        return entries
-
-    def cache_bytes(self):
-        return sum(t.numel() * t.element_size() for entry in self.cache.values() for t in entry)
-
-    def release_text_encoders(self):
-        """Drops this object's reference to the text encoders (the family drops its own)."""
-        self.encode = None
-
-    def lookup(self, captions):
-        """Embeddings of any captions: from the cache when there is one (encoding and caching the missing ones while
-        the encoders are loaded), else from the encoders."""
-        captions = list(captions)
-        if not self.cached:
-            return self.encode_captions(captions)
-        found, missing = {}, []
-        for caption in dict.fromkeys(captions):
-            if caption in self.cache:
-                self.cache.move_to_end(caption)
-                found[caption] = self.cache[caption]
-            else:
-                missing.append(caption)
-        if missing:
-            found.update(self._store(missing, self.encode_captions(missing)))
-        return tuple(
-            torch.stack([found[c][k] for c in captions]).to(self.device, non_blocking=True)
-            for k in range(len(found[captions[0]]))
-        )
-
-    def __call__(self, batch, index):
-        """Embeddings of the training captions of the pairs `index` of `batch`."""
-        if self.cached:
-            return self.lookup([batch["train_captions"][i] for i in index.tolist()])
-        if self.released:
-            raise RuntimeError("The text encoders were freed but the text embeddings are not cached.")
-        token_ids = {key: value[index.to(value.device)] for key, value in batch.items() if key.startswith("input_ids")}
-        with torch.no_grad():
-            return tuple(e.to(self.device) for e in self.encode(token_ids))
 
 
 class PromptEmbeddingPipeline:

@@ -21,9 +21,9 @@ optionally cached embeddings), per-image micro-conditioning, an optional fp16-sa
 and a zero-terminal-SNR schedule made safe for epsilon prediction. See README.md.
 """
 
+import functools
 import gc
 import time
-from collections import OrderedDict
 
 import torch
 from accelerate.logging import get_logger
@@ -32,6 +32,7 @@ from diffusers.utils import check_min_version
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 import balanced_dpo
+import text_embeddings
 import training
 import training_args
 
@@ -88,83 +89,21 @@ def encode_prompt(text_encoders, input_ids_list):
     return prompt_embeds, pooled_prompt_embeds.view(prompt_embeds.shape[0], -1)
 
 
-class PromptEncoder:
-    """Turns the captions of a batch into SDXL's `(prompt_embeds, pooled_prompt_embeds)` on the training device.
+def encode_token_ids(text_encoders, token_ids):
+    """`encode_prompt` of the token ids `TokenizeCaptions` made (`input_ids`, `input_ids_2`)."""
+    return encode_prompt(text_encoders, [token_ids["input_ids"], token_ids["input_ids_2"]])
 
-    Without a cache the token ids tokenized in the DataLoader workers are encoded every micro-step. With
-    `cache=True` the embeddings of each distinct caption are computed once and kept on the CPU (in the encoders'
-    dtype), keyed by the caption text; `max_entries` bounds the cache (least recently used captions go first).
-    `precompute` fills the cache up front, after which `release_text_encoders` frees the encoders' memory.
-    """
 
-    def __init__(self, tokenizers, text_encoders, device, cache=False, max_entries=None):
-        self.tokenizers = tokenizers
-        self.text_encoders = text_encoders
-        self.device = device
-        self.cache = OrderedDict() if cache else None
-        self.max_entries = max_entries
-
-    @property
-    def cached(self):
-        return self.cache is not None
-
-    def _encode_captions(self, captions):
-        if self.text_encoders is None:
-            missing = ", ".join(repr(c) for c in captions[:3])
-            raise RuntimeError(
-                f"Captions {missing} were not precomputed and the text encoders were already freed."
-                " This is a bug: every caption of the dataset should have been encoded before training."
-            )
-        return encode_prompt(self.text_encoders, tokenize_prompt(self.tokenizers, captions))
-
-    def precompute(self, captions, batch_size=TEXT_ENCODE_BATCH_SIZE):
-        """Encodes every distinct caption in `captions` that is not cached yet. Returns the number encoded."""
-        todo = [c for c in dict.fromkeys(captions) if c not in self.cache]
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            embeds, pooled = self._encode_captions(chunk)
-            self._store(chunk, embeds, pooled)
-        return len(todo)
-
-    def _store(self, captions, embeds, pooled):
-        # One clone per caption, so that an evicted entry does not keep its whole batch alive.
-        entries = {
-            c: (e.clone(), p.clone()) for c, e, p in zip(captions, embeds.detach().cpu(), pooled.detach().cpu())
-        }
-        for caption, entry in entries.items():
-            self.cache[caption] = entry
-            self.cache.move_to_end(caption)
-        if self.max_entries is not None:
-            while len(self.cache) > self.max_entries:
-                self.cache.popitem(last=False)
-        return entries
-
-    def cache_bytes(self):
-        return sum(e.numel() * e.element_size() + p.numel() * p.element_size() for e, p in self.cache.values())
-
-    def release_text_encoders(self):
-        """Drops this object's references to the text encoders (the caller drops its own)."""
-        self.text_encoders = None
-
-    def __call__(self, batch, index):
-        """Embeddings of the training captions of the pairs `index` of `batch`."""
-        if not self.cached:
-            input_ids = [batch[key][index.to(batch[key].device)] for key in ("input_ids", "input_ids_2")]
-            embeds, pooled = encode_prompt(self.text_encoders, input_ids)
-            return embeds.to(self.device), pooled.to(self.device)
-        captions = [batch["train_captions"][i] for i in index.tolist()]
-        found, missing = {}, []
-        for caption in dict.fromkeys(captions):
-            if caption in self.cache:
-                self.cache.move_to_end(caption)
-                found[caption] = self.cache[caption]
-            else:
-                missing.append(caption)
-        if missing:
-            found.update(self._store(missing, *self._encode_captions(missing)))
-        embeds = torch.stack([found[c][0] for c in captions]).to(self.device, non_blocking=True)
-        pooled = torch.stack([found[c][1] for c in captions]).to(self.device, non_blocking=True)
-        return embeds, pooled
+def prompt_embeddings(tokenizers, text_encoders, device, cache=False, max_entries=None):
+    """SDXL's captions -> `(prompt_embeds, pooled_prompt_embeds)` on the training device, encoded every micro-step or,
+    with `cache=True`, once per distinct caption (`text_embeddings.PromptEmbeddings`)."""
+    return text_embeddings.PromptEmbeddings(
+        TokenizeCaptions(tokenizers),
+        functools.partial(encode_token_ids, tuple(text_encoders)),
+        device,
+        cache=cache,
+        max_entries=max_entries,
+    )
 
 
 def compute_time_ids(original_sizes, crop_top_lefts, resolution):
@@ -281,7 +220,7 @@ class StableDiffusionXLFamily(training.ModelFamily):
         self.text_encoders = tuple(text_encoders)
         self.tokenizers = list(tokenizers)
         self.noise_scheduler = noise_scheduler
-        self.prompt_encoder = PromptEncoder(
+        self.prompt_embeddings = prompt_embeddings(
             self.tokenizers,
             self.text_encoders,
             unet.device,
@@ -339,20 +278,20 @@ class StableDiffusionXLFamily(training.ModelFamily):
             )
             return
         start = time.perf_counter()
-        self.prompt_encoder.precompute(captions)
-        self.prompt_encoder.release_text_encoders()
+        self.prompt_embeddings.precompute(captions, batch_size=TEXT_ENCODE_BATCH_SIZE)
+        self.prompt_embeddings.release_text_encoders()
         self.text_encoders = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         logger.info(
             f"Encoded {len(captions)} distinct captions in {time.perf_counter() - start:.1f}s"
-            f" ({self.prompt_encoder.cache_bytes() / 2**30:.2f} GiB in CPU memory); text encoders freed."
+            f" ({self.prompt_embeddings.cache_bytes() / 2**30:.2f} GiB in CPU memory); text encoders freed."
         )
 
     def tokenize_fn(self):
         # Cached text embeddings are looked up by caption: no token ids needed.
-        return None if self.prompt_encoder.cached else TokenizeCaptions(self.tokenizers)
+        return None if self.prompt_embeddings.cached else TokenizeCaptions(self.tokenizers)
 
     def conditioning(self, batch, index, label):
         def take(key):
@@ -360,7 +299,7 @@ class StableDiffusionXLFamily(training.ModelFamily):
 
         # Time ids in the order of the latents: winners first, then losers, each from its own image's size and crop.
         time_ids = pair_time_ids(take("original_sizes"), take("crop_top_lefts"), label, self.args.resolution)
-        prompt_embeds, pooled_prompt_embeds = self.prompt_encoder(batch, index)
+        prompt_embeds, pooled_prompt_embeds = self.prompt_embeddings(batch, index)
         return {
             "encoder_hidden_states": prompt_embeds.to(self.weight_dtype).repeat(2, 1, 1),
             "added_cond_kwargs": {

@@ -126,7 +126,7 @@ def test_turbo_grid_and_zero_terminal_snr(tmp_path):
 def test_prompt_encoder_cache_matches_direct_encoding(tiny_assets_dir):
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    from train_balanced_dpo_sdxl import PromptEncoder, TokenizeCaptions, encode_prompt
+    from train_balanced_dpo_sdxl import TokenizeCaptions, encode_prompt, prompt_embeddings
 
     path = tiny_assets_dir["sdxl"]
     tokenizers = [
@@ -140,19 +140,19 @@ def test_prompt_encoder_cache_matches_direct_encoding(tiny_assets_dir):
     batch = {"train_captions": captions, **TokenizeCaptions(tokenizers)(captions)}
     index = torch.tensor([3, 1, 2])
 
-    direct = PromptEncoder(tokenizers, encoders, "cpu")(batch, index)
+    direct = prompt_embeddings(tokenizers, encoders, "cpu")(batch, index)
     assert direct[0].shape == (3, 77, 64) and direct[1].shape == (3, 32)  # 32 + 32 hidden, pooled from encoder 2
     expected = encode_prompt(encoders, [batch["input_ids"][index], batch["input_ids_2"][index]])
     torch.testing.assert_close(direct, expected)
 
     # On-the-fly cache, bounded: the least recently used caption is evicted, results stay right.
-    on_the_fly = PromptEncoder(tokenizers, encoders, "cpu", cache=True, max_entries=2)
+    on_the_fly = prompt_embeddings(tokenizers, encoders, "cpu", cache=True, max_entries=2)
     for _ in range(2):
         torch.testing.assert_close(on_the_fly(batch, index), direct, rtol=1e-5, atol=1e-6)
     assert len(on_the_fly.cache) == 2
 
     # Precomputed cache, encoders released: no text encoder runs during training.
-    precomputed = PromptEncoder(tokenizers, encoders, "cpu", cache=True)
+    precomputed = prompt_embeddings(tokenizers, encoders, "cpu", cache=True)
     assert precomputed.precompute(captions) == 3
     precomputed.release_text_encoders()
     torch.testing.assert_close(precomputed(batch, index), direct, rtol=1e-5, atol=1e-6)
