@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Shared fixtures: tiny offline assets built once per test session."""
+"""Shared fixtures: tiny offline assets built once per test session, and clean state for in-process runs."""
 
 import os
 import sys
@@ -54,3 +54,25 @@ def tiny_flow_assets(tiny_assets_dir, tmp_path_factory):
         "sd3": tiny_assets.build_tiny_sd3_pipeline(os.path.join(output_dir, "sd3")),
         "flux": tiny_assets.build_tiny_flux_pipeline(os.path.join(output_dir, "flux")),
     }
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """In-process runs create an Accelerator; accelerate's singletons are reset so every test starts clean."""
+    from trainer_utils import reset_accelerate_state
+
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: for tiny models, a second thread on a busy 2-core machine (or beside a second test worker)
+    only adds contention, up to 50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

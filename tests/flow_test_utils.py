@@ -21,6 +21,7 @@ import signal
 
 import torch
 from safetensors.torch import load_file
+from trainer_utils import build_trainer, reset_accelerate_state
 
 import run_state
 import tiny_assets
@@ -48,11 +49,30 @@ def base_args(model_dir, assets, output_dir, *extra):
     ]  # fmt: skip
 
 
-def reset_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
+def human_label_trainer(script, family_class, model_dir, assets, output_dir, *extra):
+    """A DPOTrainer of `script`'s family on a tiny pipeline, with the human label as consensus (no scorer to load)."""
+    from accelerate import Accelerator
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    torch.manual_seed(0)  # the LoRA's random initialisation
+    args = script.parse_args(base_args(model_dir, assets, output_dir, "--consensus", "human", *extra))
+    return build_trainer(Accelerator(cpu=True), args, family_class)
+
+
+def generate_images(pipe, prompts, seed, steps, guidance_scale):
+    """32 px images as numpy arrays, prompt i from seed + i, with the tests' short T5 prompts."""
+    generators = [
+        torch.Generator().manual_seed(seed + i) for i in range(1 if isinstance(prompts, str) else len(prompts))
+    ]
+    return pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        height=32,
+        width=32,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        generator=generators,
+        output_type="np",
+    ).images
 
 
 def run_script(script, argv):

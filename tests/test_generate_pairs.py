@@ -186,15 +186,6 @@ def test_generated_pairs_train(tiny_assets_dir, straight, tmp_path, precomputed)
     assert sum(v for _, v in scalars["pairs"]) > 0
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny transformers: a second torch thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_flow_matching_pipelines_generate_pairs(tiny_flow_assets, prompt_file, tmp_path, family, one_thread):
     import generate_pairs

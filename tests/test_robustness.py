@@ -204,16 +204,6 @@ def scripts():
     return {"sd": train_balanced_dpo, "sdxl": train_balanced_dpo_sdxl}
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """`main` creates an Accelerator in-process; reset accelerate's singletons so other tests start clean."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 ARGUMENT_ERRORS = {
     "beta_zero": (["--beta_dpo", "0"], "--beta_dpo must be positive"),
     "beta_negative": (["--beta_dpo", "-1"], "--beta_dpo must be positive"),

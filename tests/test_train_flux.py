@@ -34,15 +34,16 @@ from flow_test_utils import (
     assert_same_lora,
     base_args,
     flow_dpo_losses,
+    generate_images,
+    human_label_trainer,
     interrupt_then_resume,
     logit_normal_sigmas,
     pair_pixels,
-    reset_accelerate_state,
     run_script,
     set_random_lora_weights,
 )
 from launch_utils import read_scalars, torchrun
-from trainer_utils import batch_of, build_trainer
+from trainer_utils import batch_of
 
 
 SCRIPT = "train_balanced_dpo_flux.py"
@@ -50,50 +51,19 @@ PROMPT = "a red circle on a white background"
 VALIDATION_PROMPT = "a blue square on a black background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: two threads on a busy 2-core machine (or beside a second test worker) make these tiny
-    models up to 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    reset_accelerate_state()
-    yield
-    reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def flux_trainer(assets, output_dir, *extra):
-    """A DPOTrainer on the tiny FLUX.1-dev pipeline, with the human label as consensus (no scorer to load)."""
-    from accelerate import Accelerator
-
     import train_balanced_dpo_flux
 
-    torch.manual_seed(0)  # the LoRA's random initialisation
-    args = train_balanced_dpo_flux.parse_args(
-        base_args(assets["flux"], assets, output_dir, "--consensus", "human", *extra)
+    return human_label_trainer(
+        train_balanced_dpo_flux, train_balanced_dpo_flux.FluxFamily, assets["flux"], assets, output_dir, *extra
     )
-    return build_trainer(Accelerator(cpu=True), args, train_balanced_dpo_flux.FluxFamily)
 
 
 def generate(pipe, prompts=PROMPT, seed=0, steps=2, guidance_scale=3.5):
-    generators = [
-        torch.Generator().manual_seed(seed + i) for i in range(1 if isinstance(prompts, str) else len(prompts))
-    ]
-    return pipe(
-        prompts,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        height=32,
-        width=32,
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-        generator=generators,
-        output_type="np",
-    ).images
+    return generate_images(pipe, prompts, seed, steps, guidance_scale)
 
 
 def pack(latents):

@@ -62,18 +62,6 @@ def assert_same_lora(dir_a, dir_b, atol=1e-6):
     assert any(v.abs().max() > 0 for k, v in a.items() if ".lora.up." in k or "lora_B" in k)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """In-process runs create an Accelerator; reset accelerate's singletons so other tests start clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def write_pairs(rows, output_dir):
     tiny_assets.write_pickapic_split(rows, os.path.join(output_dir, "train.parquet"))
     return str(output_dir)

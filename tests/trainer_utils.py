@@ -29,6 +29,14 @@ import training  # noqa: E402
 import training_args  # noqa: E402
 
 
+def reset_accelerate_state():
+    """Forgets accelerate's process-wide singletons (an in-process run creates an Accelerator)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def sd_args(assets, output_dir, *extra):
     import train_balanced_dpo
 
